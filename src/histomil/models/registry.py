@@ -1,0 +1,71 @@
+"""Model registry: one name -> (constructor, default kwargs), so configs and checkpoints can
+name a model as a string and rebuild it later.
+
+Every constructor takes ``in_dim`` and ``n_classes`` plus its own keyword options and returns an
+``nn.Module`` whose forward is ``(x (B, N, D), mask (B, N) | None) -> MILOutput``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from histomil.errors import HistomilError
+from histomil.models.abmil import ABMIL
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
+    "abmil": (ABMIL, {"gated": False}),
+    "gated_abmil": (ABMIL, {"gated": True}),
+}
+
+
+def register_model(name: str, constructor: ModelFactory, defaults: dict[str, Any] | None = None) -> None:
+    """Add a model under ``name`` (used by model modules and plugins)."""
+    if name in MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    MODELS[name] = (constructor, dict(defaults or {}))
+
+
+def model_names() -> list[str]:
+    return sorted(MODELS)
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The keyword options a model accepts, with their effective defaults."""
+    constructor, defaults = _lookup(name)
+    params = inspect.signature(constructor).parameters
+    options = {
+        k: p.default
+        for k, p in params.items()
+        if k not in ("self", "in_dim", "n_classes") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    options.update(defaults)
+    return options
+
+
+def build_model(name: str, in_dim: int, n_classes: int = 2, **kwargs: Any) -> nn.Module:
+    """Build model ``name`` for ``in_dim``-dimensional features; bad names/options -> HistomilError."""
+    constructor, defaults = _lookup(name)
+    params = inspect.signature(constructor).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    valid = model_options(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown and not takes_any:
+        raise HistomilError(
+            f"model {name!r}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid)) or 'none'}"
+        )
+    try:
+        return constructor(in_dim=in_dim, n_classes=n_classes, **{**defaults, **kwargs})
+    except (TypeError, ValueError) as exc:
+        raise HistomilError(f"model {name!r}: bad options {kwargs}: {exc}") from None
+
+
+def _lookup(name: str) -> tuple[ModelFactory, dict[str, Any]]:
+    if name not in MODELS:
+        raise HistomilError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
+    return MODELS[name]

@@ -1,0 +1,125 @@
+"""Self-contained model checkpoints: everything needed to predict later, in one file.
+
+A checkpoint is a ``torch.save`` dict of plain Python values and tensors only (so it loads with
+``weights_only=True``, no arbitrary unpickling):
+
+* ``format`` / ``format_version``: identify the file as a histomil model checkpoint.
+* ``model_name``, ``model_kwargs``, ``in_dim``, ``n_classes``: rebuild the model via the registry.
+* ``state_dict``: the weights (on CPU).
+* ``encoder_info``: the feature encoder the model was trained on (name, input_size, mean, std, ...),
+  so prediction can refuse features from a different encoder.
+* ``train_config``: the training configuration as a dict; ``histomil_version``; ``extra``
+  (best epoch and its metrics, anything else the trainer wants to keep).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from histomil import __version__
+from histomil.errors import HistomilError
+from histomil.features.store import atomic_path
+from histomil.models.registry import build_model
+
+FORMAT = "histomil-mil-checkpoint"
+FORMAT_VERSION = 1
+_REQUIRED = ("model_name", "model_kwargs", "in_dim", "n_classes", "state_dict")
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    n_classes: int,
+    encoder_info: dict[str, Any] | None,
+    train_config: dict[str, Any] | Any | None,
+    extra: dict[str, Any] | None = None,
+    in_dim: int | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename); returns the path."""
+    path = Path(path)
+    in_dim = in_dim if in_dim is not None else getattr(model, "in_dim", None)
+    if in_dim is None:
+        raise ValueError("in_dim is unknown: pass in_dim= or give the model an 'in_dim' attribute")
+    if train_config is not None and hasattr(train_config, "model_dump"):
+        train_config = train_config.model_dump(mode="json")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "histomil_version": __version__,
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "in_dim": int(in_dim),
+        "n_classes": int(n_classes),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "encoder_info": dict(encoder_info) if encoder_info is not None else None,
+        "train_config": train_config,
+        "extra": dict(extra or {}),
+    }
+    atomic_torch_save(payload, path)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    tmp = atomic_path(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a torch-saved dict safely (``weights_only``); any failure -> one-line HistomilError."""
+    path = Path(path)
+    if not path.is_file():
+        raise HistomilError(f"{path}: {what} not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HistomilError(f"{path}: not a readable {what} ({first})") from None
+    if not isinstance(data, dict):
+        raise HistomilError(f"{path}: not a histomil {what} (unexpected content)")
+    return data
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint; returns ``(model in eval mode, meta)``.
+
+    ``meta`` holds every key of the checkpoint except ``state_dict``; the keys of ``extra`` (e.g.
+    ``best_epoch``, ``metrics``) are also copied to the top level for convenience.
+    """
+    path = Path(path)
+    data = read_checkpoint_dict(path)
+    if data.get("format") != FORMAT or any(k not in data for k in _REQUIRED):
+        raise HistomilError(f"{path}: not a histomil model checkpoint")
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise HistomilError(
+            f"{path}: checkpoint format {data['format_version']} is newer than this histomil "
+            f"({__version__}) understands; upgrade histomil"
+        )
+    try:
+        model = build_model(data["model_name"], int(data["in_dim"]), int(data["n_classes"]), **data["model_kwargs"])
+    except HistomilError as exc:
+        raise HistomilError(f"{path}: {exc}") from None
+    try:
+        model.load_state_dict(data["state_dict"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise HistomilError(f"{path}: weights do not match model {data['model_name']!r} ({first})") from None
+    model.to(device).eval()
+    meta = {k: v for k, v in data.items() if k != "state_dict"}
+    for key, value in (data.get("extra") or {}).items():
+        meta.setdefault(key, value)
+    return model, meta
