@@ -1,0 +1,316 @@
+"""The ``histomil`` command line: one command with a sub-command per pipeline step.
+
+bags make / bags check -> features extract -> train -> evaluate -> predict, plus ``run`` (all steps
+from one config file) and ``demo`` (``run`` on the example tiles shipped with histomil).
+Every user error is printed as one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from histomil.errors import HistomilError
+from histomil.ui import console, err_console, progress_bars
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multiple instance learning for histology.")
+bags_app = typer.Typer(no_args_is_help=True, help="Compose and check bag datasets.")
+features_app = typer.Typer(no_args_is_help=True, help="Extract tile features into per-bag HDF5 files.")
+app.add_typer(bags_app, name="bags")
+app.add_typer(features_app, name="features")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn HistomilError into a one-line message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HistomilError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished outputs are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+def _witnesses(text: str) -> tuple[int, int]:
+    from histomil.data.compose import parse_witnesses
+
+    return parse_witnesses(text)
+
+
+@bags_app.command("make")
+@user_errors
+def bags_make(
+    tile_table: Path = typer.Argument(..., help="CSV with one row per tile: path, instance label, patient id."),
+    out: Path = typer.Argument(..., help="Study folder to create (one sub-folder per split)."),
+    bag_size: int = typer.Option(40, help="Tiles per bag (K)."),
+    train_bags: int = typer.Option(2000, help="Training bags."),
+    val_bags: int = typer.Option(100, help="Validation bags."),
+    test_bags: int = typer.Option(1000, help="Bags in each test set."),
+    train_witnesses: str = typer.Option("20", help="Tumour tiles per positive training bag: 'W' or a range 'LO-HI' drawn per bag."),
+    val_witnesses: str = typer.Option("20", help="Witnesses per positive validation bag: 'W' or 'LO-HI'."),
+    test_witnesses: str = typer.Option("20,10,5,1", help="Comma-separated W, one test set each."),
+    split_fractions: str = typer.Option("0.6,0.2,0.2", help="Fractions of patients for train,val,test."),
+    seed: int = typer.Option(0, help="Random seed: the same seed gives the same study."),
+    link: str = typer.Option("symlink", help="How tiles enter bag folders: symlink, hardlink or copy."),
+    path_col: str = typer.Option("path", help="Tile table column with the tile path (relative to the CSV)."),
+    label_col: str = typer.Option("tumor", help="Column with the tile label (1 tumour, 0 non-tumour, empty = excluded)."),
+    patient_col: str = typer.Option("case_id", help="Column with the patient id (splits never share a patient)."),
+    split_col: Optional[str] = typer.Option(None, help="Column with a fixed split (train/val/test) per patient."),
+    overwrite: bool = typer.Option(False, help="Replace an existing study folder."),
+) -> None:
+    """Compose a whole MIL study (train / val / test sets at several witness counts) from a tile table."""
+    from histomil.data.compose import StudySpec, compose_study, format_counts, read_tile_table
+
+    try:
+        spec = StudySpec(
+            bag_size=bag_size,
+            train_bags=train_bags,
+            val_bags=val_bags,
+            test_bags=test_bags,
+            train_witnesses=_witnesses(train_witnesses),
+            val_witnesses=_witnesses(val_witnesses),
+            test_witnesses=[int(w) for w in test_witnesses.split(",") if w.strip()],
+            split_fractions=tuple(float(f) for f in split_fractions.split(",")),
+            seed=seed,
+            link=link,
+        )
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        raise HistomilError(f"invalid study options: {_first_error(exc)}") from None
+    table = read_tile_table(tile_table, path_col, label_col, patient_col, split_col)
+    with progress_bars() as progress:
+        study = compose_study(table, spec, out, progress=progress, overwrite=overwrite)
+    _log(format_counts(study))
+    _log(f"study written to {out}")
+
+
+def _first_error(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        from histomil.pipeline import validation_message
+
+        return validation_message(exc)
+    return str(exc).splitlines()[0]
+
+
+@bags_app.command("check")
+@user_errors
+def bags_check(
+    root: Path = typer.Argument(..., help="Bag root folder (one sub-folder per bag) or manifest CSV."),
+    labels: Optional[Path] = typer.Option(None, help="Labels CSV (case,y_true); default root/labels.csv or root/df.csv."),
+    unlabelled: bool = typer.Option(False, help="Bags have no labels (prediction input)."),
+    on_bad_tile: str = typer.Option("error", help="'error' stops at the first bad tile; 'skip' logs and skips it."),
+) -> None:
+    """Decode every tile of a bag dataset and report problems."""
+    from histomil.data.bags import check_bags, load_bags
+
+    bags = load_bags(root, labels, require_labels=not unlabelled, on_bad_tile=on_bad_tile, log=_log)
+    with progress_bars() as progress:
+        good = check_bags(bags, on_bad_tile=on_bad_tile, log=_log, progress=lambda d, t: progress("checking tiles", d, t))
+    n_tiles = sum(len(b.tile_paths) for b in good)
+    labels_seen = [b.label for b in good if b.label is not None]
+    _log(f"{len(good)} bags, {n_tiles} readable tiles, {sum(labels_seen)} positive / "
+         f"{len(labels_seen) - sum(labels_seen)} negative")
+
+
+@features_app.command("extract")
+@user_errors
+def features_extract(
+    source: Path = typer.Argument(..., help="A study folder (from 'bags make'), a bag root folder, or a manifest CSV."),
+    out: Path = typer.Argument(..., help="Output folder for the per-bag feature files."),
+    labels: Optional[Path] = typer.Option(None, help="Labels CSV for a bag root (default root/labels.csv or df.csv)."),
+    encoder: str = typer.Option("efficientnet_lite0", help="Tile encoder."),
+    precision: str = typer.Option("bf16", help="fp32 or bf16 (CPU autocast; about 2x faster, features within 1%)."),
+    batch_size: int = typer.Option(64, help="Tiles per encoder batch."),
+    workers: int = typer.Option(1, help="Decoding worker processes (decoding overlaps encoding)."),
+    cache: Optional[Path] = typer.Option(None, help="Tile feature cache folder (default OUT/cache)."),
+    on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
+    overwrite: bool = typer.Option(False, help="Re-write feature files that already exist."),
+) -> None:
+    """Encode every distinct tile once and write one HDF5 feature file per bag (resumable)."""
+    from histomil.data.bags import load_bags
+    from histomil.features.cache import FeatureCache
+    from histomil.features.encoders import build_encoder
+    from histomil.features.extract import copy_sidecars, extract_bags
+    from histomil.pipeline import FeatureConfig, extract_study
+
+    if precision not in ("fp32", "bf16"):
+        raise HistomilError(f"--precision must be fp32 or bf16, not {precision!r}")
+    with progress_bars() as progress:
+        if (source / "study.json").is_file():
+            cfg = FeatureConfig(encoder=encoder, precision=precision, batch_size=batch_size, workers=workers, on_bad_tile=on_bad_tile)
+            summaries = extract_study(source, out, cfg, cache, log=_log, progress=progress)
+        else:
+            bags = load_bags(source, labels, require_labels=False, on_bad_tile=on_bad_tile, log=_log)
+            enc = build_encoder(encoder, precision=precision, channels_last=True)
+            fc = FeatureCache(cache or out / "cache", {**enc.info.to_dict(), "precision": precision})
+            summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
+            if source.is_dir():
+                copy_sidecars(source, out)
+    for name, s in summaries.items():
+        _log(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done), "
+             f"{s.n_unique_tiles} distinct tiles, {s.n_encoded} encoded, {len(s.bad_tiles)} bad tiles skipped")
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    train_features: Path = typer.Argument(..., help="Feature folder of the training bags."),
+    val: Path = typer.Option(..., "--val", help="Feature folder of the validation bags."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model.pt, last.pt, history.csv, config."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON training config (keys of TrainConfig); options below override it."),
+    model: Optional[str] = typer.Option(None, help="Model name, e.g. gated_abmil, abmil."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
+    batch_size: Optional[int] = typer.Option(None, help="Bags per step."),
+    monitor: Optional[str] = typer.Option(None, help="val_loss or val_auc."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+) -> None:
+    """Train a MIL model on cached features, with early stopping and a resumable run folder."""
+    from histomil.features.store import load_feature_dataset
+    from histomil.training.trainer import TrainConfig, train
+
+    raw: dict = {}
+    if config is not None:
+        raw = _read_mapping(config)
+    for key, value in dict(model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
+                           patience=patience, min_epochs=min_epochs, seed=seed).items():
+        if value is not None:
+            raw[key] = value
+    try:
+        cfg = TrainConfig.model_validate(raw)
+    except ValueError as exc:
+        raise HistomilError(f"{config or 'training options'}: {_first_error(exc)}") from None
+    train_bags = load_feature_dataset(train_features, require_labels=True)
+    val_bags = load_feature_dataset(val, require_labels=True)
+    encoder_info = dict(train_bags[0].attrs)
+    with progress_bars() as progress:
+        result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
+                       on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
+    _log(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
+
+
+def _read_mapping(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise HistomilError(f"{path}: config must be a mapping of keys to values")
+    return data
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    model: Path = typer.Argument(..., help="A model checkpoint (model.pt)."),
+    test_sets: list[Path] = typer.Argument(..., help="One or more labelled feature folders."),
+    out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md, predictions and plots."),
+    threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the one stored in the model, 0.5)."),
+) -> None:
+    """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots."""
+    from histomil.evaluation.evaluate import evaluate_sets
+    from histomil.reports.tables import metrics_markdown
+
+    names = [p.name for p in test_sets]
+    if len(set(names)) != len(names):
+        names = [str(p) for p in test_sets]
+    with progress_bars() as progress:
+        results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress)
+    console.print(metrics_markdown(results), highlight=False, soft_wrap=True)
+    _log(f"written to {out}")
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    model: Path = typer.Argument(..., help="A model checkpoint (model.pt)."),
+    source: Path = typer.Argument(..., help="Unlabelled bag folders (one sub-folder of tiles per bag), a manifest CSV, or a feature folder."),
+    out: Path = typer.Option(..., "--out", help="CSV to write."),
+    top_k: int = typer.Option(5, help="How many highest-attention tiles to list per bag."),
+    threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the model's)."),
+    on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
+) -> None:
+    """Predict unlabelled bags: probability, class and the tiles that drove the decision."""
+    from histomil.evaluation.predict import predict_source
+
+    with progress_bars() as progress:
+        rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress)
+    n_pos = sum(r["predicted_class"] for r in rows)
+    _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    config: Path = typer.Argument(..., help="Study run config (YAML): tile table, study, features, train."),
+    out: Path = typer.Option(..., "--out", help="Run folder (re-running resumes finished steps)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set study.train_bags=500."),
+) -> None:
+    """Compose bags, extract features, train and evaluate, timing each step."""
+    from histomil.pipeline import load_config
+
+    cfg = load_config(config, _overrides(set_))
+    _run_and_print(cfg, out)
+
+
+def _overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise HistomilError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _run_and_print(cfg, out: Path) -> None:
+    from histomil.pipeline import run_study
+    from histomil.reports.tables import metrics_markdown
+
+    with progress_bars() as progress:
+        results = run_study(cfg, out, log=_log, progress=progress)
+    console.print(metrics_markdown(results), highlight=False, soft_wrap=True)
+    timings = json.loads((out / "timings.json").read_text())
+    _log("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    _log(f"results in {out / 'evaluation'}")
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(
+    out: Path = typer.Option(Path("demo_run"), "--out", help="Run folder for the demo."),
+    set_: list[str] = typer.Option([], "--set", help="Override a demo config key, e.g. --set train.epochs=5."),
+) -> None:
+    """Build a small study from the shipped example tiles, train gated attention MIL, print the table."""
+    from histomil.pipeline import load_config
+    from histomil.resources import demo_config_path
+
+    _log("histomil demo: example H&E tiles from EBHI-Seg (CC BY 4.0, Shi et al. 2023), bags of 40, "
+         "test sets with W = 20, 10, 5, 1 tumour tiles")
+    cfg = load_config(demo_config_path(), _overrides(set_))
+    _run_and_print(cfg, out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

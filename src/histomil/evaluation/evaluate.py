@@ -1,0 +1,101 @@
+"""Evaluate one trained model on one or several labelled feature datasets.
+
+For each test set: bag-level metrics at a fixed threshold (chosen before looking at test data),
+per-bag predictions, a confusion-matrix plot, and, when the set carries tile truth (``tiles.csv``,
+written by ``histomil bags make``), how well attention finds the tumour tiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from histomil.errors import HistomilError
+from histomil.evaluation.metrics import attention_metrics, binary_metrics
+from histomil.features.store import FeatureBag, load_feature_dataset
+from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
+from histomil.reports.tables import metrics_markdown, write_json, write_text
+from histomil.training.checkpoint import load_checkpoint
+from histomil.training.trainer import predict
+
+
+def tile_truth_for(folder: Path, bags: list[FeatureBag]) -> list[np.ndarray] | None:
+    """Tile labels aligned with each bag's tiles, from ``folder/tiles.csv`` (None when absent)."""
+    truth_csv = folder / "tiles.csv"
+    if not truth_csv.is_file():
+        return None
+    by_tile: dict[tuple[str, str], int] = {}
+    with open(truth_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            by_tile[(str(row["case"]), Path(row["path"]).name)] = int(row["tile_label"])
+    out = []
+    for bag in bags:
+        try:
+            out.append(np.array([by_tile[(bag.bag_id, Path(p).name)] for p in bag.tile_paths], dtype=int))
+        except KeyError as exc:
+            raise HistomilError(f"{truth_csv}: no tile label for bag {bag.bag_id} tile {exc.args[0][1]}") from None
+    return out
+
+
+def evaluate_sets(
+    checkpoint: str | Path,
+    test_sets: dict[str, Path],
+    out_dir: str | Path,
+    threshold: float | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, dict]:
+    """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, meta = load_checkpoint(checkpoint)
+    if threshold is None:
+        threshold = float(meta.get("threshold", 0.5))
+    results: dict[str, dict] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, (name, folder) in enumerate(test_sets.items()):
+        folder = Path(folder)
+        bags = load_feature_dataset(folder, require_labels=True)
+        _check_encoder(meta, bags, folder)
+        preds = predict(model, bags)
+        y = np.array([b.label for b in bags], dtype=int)
+        prob = np.array([p[1] for p, _ in preds], dtype=float)
+        metrics = binary_metrics(y, prob, threshold)
+        truth = tile_truth_for(folder, bags)
+        if truth is not None:
+            metrics["attention"] = attention_metrics(y, [a for _, a in preds], truth)
+        results[name] = metrics
+        curves[name] = (y, prob)
+        _write_predictions(out_dir / f"predictions_{name}.csv", bags, prob, threshold)
+        plot_confusion_matrix(metrics["confusion_matrix"], out_dir / f"confusion_{name}.png", title=name)
+        if progress:
+            progress("evaluating test sets", i + 1, len(test_sets))
+    write_json(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "threshold": threshold, "results": results})
+    write_text(out_dir / "metrics.md", metrics_markdown(results) + "\n")
+    plot_roc_pr(curves, out_dir / "roc_pr.png")
+    history = Path(checkpoint).parent / "history.csv"
+    if history.is_file():
+        plot_training_curves(history, out_dir / "training_curves.png", best_epoch=meta.get("best_epoch"))
+    return results
+
+
+def _check_encoder(meta: dict, bags: list[FeatureBag], folder: Path) -> None:
+    want = (meta.get("encoder_info") or {}).get("name")
+    have = bags[0].attrs.get("encoder")
+    if want and have and want != have:
+        raise HistomilError(f"{folder}: features were made with encoder {have!r}, the model expects {want!r}")
+    dim = int(meta.get("in_dim", bags[0].features.shape[1]))
+    if bags[0].features.shape[1] != dim:
+        raise HistomilError(f"{folder}: features have {bags[0].features.shape[1]} dims, the model expects {dim}")
+
+
+def _write_predictions(path: Path, bags: list[FeatureBag], prob: np.ndarray, threshold: float) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["bag_id", "y_true", "prob_positive", "y_pred"])
+    for b, p in zip(bags, prob):
+        w.writerow([b.bag_id, b.label, f"{p:.6f}", int(p >= threshold)])
+    write_text(path, buf.getvalue())

@@ -1,0 +1,161 @@
+"""One call from a tile table to an evaluated model: compose bags, extract features, train, evaluate.
+
+The whole run is described by a :class:`StudyRunConfig` (YAML or JSON; unknown keys are rejected),
+and every step records its wall time in ``timings.json`` so the README's numbers can be regenerated.
+Steps whose outputs already exist are reused, so a stopped run can simply be started again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from histomil.data.bags import load_bag_folders
+from histomil.data.compose import StudySpec, compose_study, read_study, read_tile_table
+from histomil.errors import HistomilError
+from histomil.features.cache import FeatureCache
+from histomil.features.encoders import build_encoder
+from histomil.features.extract import copy_sidecars, extract_bags
+from histomil.features.store import load_feature_dataset
+from histomil.reports.tables import write_json
+from histomil.training.trainer import TrainConfig, train
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TileColumns(_Strict):
+    path: str = "path"
+    label: str = "tumor"
+    patient: str = "case_id"
+    split: str | None = None
+
+
+class FeatureConfig(_Strict):
+    encoder: str = "efficientnet_lite0"
+    precision: Literal["fp32", "bf16"] = "bf16"
+    channels_last: bool = True
+    batch_size: int = 64
+    workers: int = 1
+    on_bad_tile: Literal["error", "skip"] = "error"
+
+
+class StudyRunConfig(_Strict):
+    """Everything one study run needs; paths are relative to the config file."""
+
+    tiles: Path
+    columns: TileColumns = TileColumns()
+    study: StudySpec = StudySpec()
+    features: FeatureConfig = FeatureConfig()
+    train: TrainConfig = TrainConfig()
+    threshold: float = 0.5
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> StudyRunConfig:
+    """Read and validate a YAML/JSON run config; errors name the file and the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        cfg = StudyRunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise HistomilError(f"{path}: {validation_message(exc)}") from None
+    if not cfg.tiles.is_absolute():
+        cfg.tiles = (path.parent / cfg.tiles).resolve()
+    return cfg
+
+
+def validation_message(exc: ValidationError) -> str:
+    """pydantic's first error as one line: 'key.sub: what is wrong'."""
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err["loc"]) or "config"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def split_names(study_dir: Path) -> list[str]:
+    """The splits of a composed study, in the order study.json lists them."""
+    if not (study_dir / "study.json").is_file():
+        raise HistomilError(f"{study_dir}: not a study folder (no study.json); make one with 'histomil bags make'")
+    return [s["name"] for s in read_study(study_dir)["splits"]]
+
+
+def extract_study(
+    study_dir: Path,
+    out_dir: Path,
+    cfg: FeatureConfig,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, object]:
+    """Extract features for every split of a study with one shared tile cache."""
+    encoder = build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last)
+    cache = FeatureCache(cache_dir or out_dir / "cache", {**encoder.info.to_dict(), "precision": cfg.precision})
+    summaries = {}
+    for name in split_names(study_dir):
+        bags = load_bag_folders(study_dir / name, require_labels=True, on_bad_tile=cfg.on_bad_tile, log=log)
+        split_progress = (lambda s, d, t, n=name: progress(f"{n}: {s}", d, t)) if progress else None
+        summaries[name] = extract_bags(
+            bags, out_dir / name, encoder, cache, cfg.batch_size, cfg.workers, cfg.on_bad_tile, log=log, progress=split_progress
+        )
+        copy_sidecars(study_dir / name, out_dir / name)
+    return summaries
+
+
+def run_study(
+    cfg: StudyRunConfig,
+    out_dir: str | Path,
+    log: Callable[[str], None] = print,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Compose, extract, train and evaluate; returns the evaluation results per test set."""
+    from histomil.evaluation.evaluate import evaluate_sets
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", json.loads(cfg.model_dump_json()))
+    timings_path = out_dir / "timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def timed(step: str, fn: Callable[[], object]) -> object:
+        t0 = time.perf_counter()
+        result = fn()
+        timings[step] = round(time.perf_counter() - t0, 2)
+        write_json(timings_path, timings)
+        log(f"{step}: {timings[step]:.1f} s")
+        return result
+
+    study_dir, feat_dir, run_dir = out_dir / "bags", out_dir / "features", out_dir / "model"
+    if not (study_dir / "study.json").exists():
+        table = read_tile_table(cfg.tiles, cfg.columns.path, cfg.columns.label, cfg.columns.patient, cfg.columns.split)
+        timed("compose bags", lambda: compose_study(table, cfg.study, study_dir, progress=progress))
+    timed("extract features", lambda: extract_study(study_dir, feat_dir, cfg.features, log=log, progress=progress))
+    names = split_names(study_dir)
+    tests = {n: feat_dir / n for n in names if n.startswith("test")}
+
+    def fit() -> object:
+        train_bags = load_feature_dataset(feat_dir / "train", require_labels=True)
+        val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
+        encoder_info = {**train_bags[0].attrs, "precision": cfg.features.precision}
+        on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), cfg.train.epochs)) if progress else None
+        return train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch, resume=True)
+
+    timed("train", fit)
+    results = timed(
+        "evaluate", lambda: evaluate_sets(run_dir / "model.pt", tests, out_dir / "evaluation", cfg.threshold, progress)
+    )
+    return results  # type: ignore[return-value]

@@ -1,0 +1,116 @@
+"""End to end on the shipped example tiles: compose -> extract -> train -> evaluate -> predict, via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from histomil.cli import app
+from histomil.resources import demo_config_path, example_tile_table
+
+runner = CliRunner()
+
+SMALL = [
+    "--set", "study.train_bags=40", "--set", "study.val_bags=20", "--set", "study.test_bags=20",
+    "--set", "train.epochs=3", "--set", "train.min_epochs=1", "--set", "train.batch_size=8",
+]
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = invoke("demo", "--out", out, *SMALL)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_demo_runs_every_step_and_prints_the_table(demo_run: Path):
+    metrics = json.loads((demo_run / "evaluation" / "metrics.json").read_text())["results"]
+    assert list(metrics) == ["test_40_20", "test_40_10", "test_40_5", "test_40_1"]
+    for name, m in metrics.items():
+        assert m["n"] == 20 and m["n_pos"] == 10
+        assert 0.0 <= m["accuracy"] <= 1.0
+        assert sum(map(sum, m["confusion_matrix"])) == 20
+        assert "attention" in m  # composed studies carry tile truth
+    # the easy set must be learnt even after 3 epochs on 40 bags
+    assert metrics["test_40_20"]["roc_auc"] > 0.8
+    timings = json.loads((demo_run / "timings.json").read_text())
+    assert set(timings) == {"compose bags", "extract features", "train", "evaluate"}
+    for png in ["training_curves.png", "roc_pr.png", "confusion_test_40_1.png"]:
+        assert (demo_run / "evaluation" / png).stat().st_size > 1000
+    history = list(csv.DictReader(open(demo_run / "model" / "history.csv")))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+
+
+def test_features_are_cached_by_content(demo_run: Path):
+    cache_dir = next((demo_run / "features" / "cache").iterdir())
+    n_cached = sum(1 for _ in cache_dir.glob("shard-*.h5"))
+    assert n_cached >= 1
+    tiles = {r["path"] for r in csv.DictReader(open(example_tile_table()))}
+    from histomil.features.cache import FeatureCache
+    from histomil.features.encoders import build_encoder
+
+    info = json.loads((cache_dir / "encoder.json").read_text())
+    cache = FeatureCache(cache_dir.parent, info)
+    assert len(cache) <= len(tiles)  # each distinct tile encoded once across all bags and splits
+
+
+def test_rerun_resumes_without_recomputing(demo_run: Path, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run, symlinks=True)
+    before = {p: p.stat().st_mtime_ns for p in (run / "features" / "train").glob("*.h5")}
+    result = invoke("demo", "--out", run, *SMALL)
+    assert result.exit_code == 0, result.output
+    after = {p: p.stat().st_mtime_ns for p in (run / "features" / "train").glob("*.h5")}
+    assert before == after  # feature files reused, not rewritten
+
+
+def test_evaluate_and_predict_commands(demo_run: Path, tmp_path):
+    model = demo_run / "model" / "model.pt"
+    feats = demo_run / "features"
+    result = invoke("evaluate", model, feats / "test_40_20", feats / "test_40_1", "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert "test_40_20" in result.output and "roc_auc" in result.output
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert md.count("\n| test_40") == 2
+    # predict on image bag folders without labels: encodes on the fly with the model's encoder
+    bags = tmp_path / "unlabelled"
+    src = demo_run / "bags" / "test_40_1"
+    for case in ["0", "1", "2"]:
+        shutil.copytree(src / case, bags / case)
+    result = invoke("predict", model, bags, "--out", tmp_path / "pred.csv", "--top-k", 3)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert [r["bag_id"] for r in rows] == ["0", "1", "2"]
+    for r in rows:
+        assert 0.0 <= float(r["prob_positive"]) <= 1.0
+        assert len(r["top_tiles"].split(";")) == 3
+        assert all((bags / r["bag_id"] / t).exists() for t in r["top_tiles"].split(";"))
+    # the same bags through their cached features give the same probabilities
+    by_feat = invoke("predict", model, feats / "test_40_1", "--out", tmp_path / "pred2.csv")
+    assert by_feat.exit_code == 0, by_feat.output
+    ref = {r["bag_id"]: float(r["prob_positive"]) for r in csv.DictReader(open(tmp_path / "pred2.csv"))}
+    for r in rows:
+        assert float(r["prob_positive"]) == pytest.approx(ref[r["bag_id"]], abs=2e-3)
+
+
+def test_user_errors_are_one_line(tmp_path):
+    result = invoke("bags", "make", tmp_path / "missing.csv", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "missing.csv" in result.output and "Traceback" not in result.output
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(demo_config_path().read_text() + "\nunknown_key: 1\n")
+    result = invoke("run", cfg, "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "unknown_key" in result.output
+    result = invoke("train", tmp_path, "--val", tmp_path, "--out", tmp_path / "r", "--monitor", "accuracy")
+    assert result.exit_code == 2 and "monitor" in result.output
