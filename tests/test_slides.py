@@ -308,7 +308,7 @@ def test_tile_slide_writes_h5_previews_and_tile_folder(synth: Path, tmp_path: Pa
         assert (a["patch_level"], a["patch_size"], a["patch_size_level0"]) == (1, 448, 1792)
         assert (a["tile_size"], a["level"], a["read_size"]) == (224, 1, 448)
         assert a["target_mpp"] == 2.0 and a["slide_mpp"] == pytest.approx(0.25)
-        assert a["level_dim"].tolist() == [SIZE, SIZE] and a["name"] == "synthetic"
+        assert a["level0_dim"].tolist() == [SIZE, SIZE] and a["level_dim"].tolist() == [1024, 1024] and a["name"] == "synthetic"
         np.testing.assert_allclose(f["tissue_fraction"][:], plan.tissue_fraction)
     mask_png = np.asarray(Image.open(tmp_path / "out" / "synthetic_mask.png"))
     np.testing.assert_array_equal(mask_png > 0, plan.mask)

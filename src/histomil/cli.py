@@ -7,42 +7,21 @@ Every user error is printed as one ``error:`` line and exits with status 2.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
 from histomil.errors import HistomilError
-from histomil.ui import console, err_console, progress_bars
+from histomil.ui import console, progress_bars, user_errors
+from histomil.ui import log as _log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multiple instance learning for histology.")
 bags_app = typer.Typer(no_args_is_help=True, help="Compose and check bag datasets.")
 features_app = typer.Typer(no_args_is_help=True, help="Extract tile features into per-bag HDF5 files.")
 app.add_typer(bags_app, name="bags")
 app.add_typer(features_app, name="features")
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn HistomilError into a one-line message and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HistomilError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished outputs are kept; run the same command again to resume")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _log(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
 
 
 def _witnesses(text: str) -> tuple[int, int]:
@@ -73,7 +52,12 @@ def bags_make(
     overwrite: bool = typer.Option(False, help="Replace an existing study folder."),
 ) -> None:
     """Compose a whole MIL study (train / val / test sets at several witness counts) from a tile table."""
-    from histomil.data.compose import StudySpec, compose_study, format_counts, read_tile_table
+    from histomil.data.compose import (
+        StudySpec,
+        compose_study,
+        format_counts,
+        read_tile_table,
+    )
 
     try:
         spec = StudySpec(

@@ -6,11 +6,23 @@ here, which opens one bar per stage name the first time that stage reports.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from histomil.errors import HistomilError
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -40,3 +52,25 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
 
     with bars:
         yield update
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn HistomilError into a one-line message and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HistomilError as exc:
+            err_console.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished outputs are kept; run the same command again to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def log(message: str) -> None:
+    """Print one plain line (no markup, no highlighting)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)

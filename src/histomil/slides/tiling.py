@@ -280,7 +280,8 @@ def write_plan(path: Path, plan: TilePlan, slide: Slide) -> None:
             ds.attrs["level"] = int(plan.level)
             ds.attrs["target_mpp"] = nan if plan.target_mpp is None else float(plan.target_mpp)
             ds.attrs["slide_mpp"] = nan if plan.slide_mpp is None else float(plan.slide_mpp)
-            ds.attrs["level_dim"] = np.asarray(plan.level0_dims, dtype=np.int64)
+            ds.attrs["level_dim"] = np.asarray(slide.level_dimensions[plan.level], dtype=np.int64)  # of patch_level
+            ds.attrs["level0_dim"] = np.asarray(plan.level0_dims, dtype=np.int64)
             ds.attrs["level_dims"] = np.asarray(slide.level_dimensions, dtype=np.int64)
             ds.attrs["name"] = slide.name
             ds.attrs["slide_path"] = str(slide.path)

@@ -28,9 +28,9 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"expected an (h, w, 3) RGB image, got shape {rgb.shape}")
-    rgb = rgb[..., :3]
-    hi = rgb.max(axis=2).astype(np.float32)
-    lo = rgb.min(axis=2).astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    hi = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    lo = np.minimum(np.minimum(r, g), b).astype(np.float32)
     return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
 
 
