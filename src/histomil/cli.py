@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from histomil.errors import HistomilError
-from histomil.ui import console, progress_bars, user_errors
+from histomil.ui import progress_bars, user_errors
 from histomil.ui import log as _log
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multiple instance learning for histology.")
@@ -76,7 +76,7 @@ def bags_make(
         raise HistomilError(f"invalid study options: {_first_error(exc)}") from None
     table = read_tile_table(tile_table, path_col, label_col, patient_col, split_col)
     with progress_bars() as progress:
-        study = compose_study(table, spec, out, progress=progress, overwrite=overwrite)
+        study = compose_study(table, spec, out, progress=lambda s, d, t: progress(f"composing {s}", d, t), overwrite=overwrite)
     _log(format_counts(study))
     _log(f"study written to {out}")
 
@@ -219,7 +219,7 @@ def evaluate_cmd(
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
         results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress)
-    console.print(metrics_markdown(results), highlight=False, soft_wrap=True)
+    _log(metrics_markdown(results))
     _log(f"written to {out}")
 
 
@@ -240,6 +240,47 @@ def predict_cmd(
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress)
     n_pos = sum(r["predicted_class"] for r in rows)
     _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    features: Path = typer.Argument(..., help="A study's feature folder (with train, val and test_* sub-folders)."),
+    out: Path = typer.Option(..., "--out", help="Folder for per-run results, compare.json and compare.md."),
+    models: str = typer.Option("mean_pool,max_pool,abmil,gated_abmil", help="Comma-separated model names."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; every model uses the same ones."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON training config shared by all models."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Bags per step."),
+    threshold: float = typer.Option(0.5, help="Decision threshold for accuracy."),
+) -> None:
+    """Train and evaluate several models on the same study and seeds; one table of accuracy and AUC."""
+    from histomil.evaluation.compare import compare_markdown, compare_models
+    from histomil.training.trainer import TrainConfig
+
+    raw = _read_mapping(config) if config is not None else {}
+    for key, value in dict(epochs=epochs, batch_size=batch_size).items():
+        if value is not None:
+            raw[key] = value
+    try:
+        base = TrainConfig.model_validate(raw)
+    except ValueError as exc:
+        raise HistomilError(f"{config or 'training options'}: {_first_error(exc)}") from None
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    from histomil.models.registry import model_names
+
+    unknown = [m for m in model_list if m not in model_names()]
+    if unknown:
+        raise HistomilError(f"unknown model {unknown[0]!r}; known: {', '.join(model_names())}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise HistomilError(f"--seeds {seeds!r}: expected comma-separated integers") from None
+    with progress_bars() as progress:
+        summary = compare_models(features, model_list, seed_list, out, base, threshold, _log, progress)
+    tests = list(next(iter(summary.values())))
+    _log(compare_markdown(summary, tests, len(seed_list)))
+    _log(f"written to {out / 'compare.md'}")
 
 
 @app.command("run")
@@ -274,7 +315,7 @@ def _run_and_print(cfg, out: Path) -> None:
 
     with progress_bars() as progress:
         results = run_study(cfg, out, log=_log, progress=progress)
-    console.print(metrics_markdown(results), highlight=False, soft_wrap=True)
+    _log(metrics_markdown(results))
     timings = json.loads((out / "timings.json").read_text())
     _log("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     _log(f"results in {out / 'evaluation'}")

@@ -94,6 +94,13 @@ def split_names(study_dir: Path) -> list[str]:
     return [s["name"] for s in read_study(study_dir)["splits"]]
 
 
+def _prefixed(progress: Callable[[str, int, int], None] | None, prefix: str) -> Callable[[str, int, int], None] | None:
+    """A progress callback that prefixes each stage name (e.g. with the split)."""
+    if progress is None:
+        return None
+    return lambda stage, done, total: progress(f"{prefix} {stage}", done, total)
+
+
 def extract_study(
     study_dir: Path,
     out_dir: Path,
@@ -108,7 +115,7 @@ def extract_study(
     summaries = {}
     for name in split_names(study_dir):
         bags = load_bag_folders(study_dir / name, require_labels=True, on_bad_tile=cfg.on_bad_tile, log=log)
-        split_progress = (lambda s, d, t, n=name: progress(f"{n}: {s}", d, t)) if progress else None
+        split_progress = _prefixed(progress, f"{name}:")
         summaries[name] = extract_bags(
             bags, out_dir / name, encoder, cache, cfg.batch_size, cfg.workers, cfg.on_bad_tile, log=log, progress=split_progress
         )
@@ -142,7 +149,7 @@ def run_study(
     study_dir, feat_dir, run_dir = out_dir / "bags", out_dir / "features", out_dir / "model"
     if not (study_dir / "study.json").exists():
         table = read_tile_table(cfg.tiles, cfg.columns.path, cfg.columns.label, cfg.columns.patient, cfg.columns.split)
-        timed("compose bags", lambda: compose_study(table, cfg.study, study_dir, progress=progress))
+        timed("compose bags", lambda: compose_study(table, cfg.study, study_dir, progress=_prefixed(progress, "composing")))
     timed("extract features", lambda: extract_study(study_dir, feat_dir, cfg.features, log=log, progress=progress))
     names = split_names(study_dir)
     tests = {n: feat_dir / n for n in names if n.startswith("test")}

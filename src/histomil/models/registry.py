@@ -15,12 +15,23 @@ from torch import nn
 
 from histomil.errors import HistomilError
 from histomil.models.abmil import ABMIL
+from histomil.models.clam import CLAM
+from histomil.models.dsmil import DSMIL
+from histomil.models.pooling import MaxPoolMIL, MeanPoolMIL, MiNet
+from histomil.models.transmil import TransMIL
 
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "abmil": (ABMIL, {"gated": False}),
     "gated_abmil": (ABMIL, {"gated": True}),
+    "mean_pool": (MeanPoolMIL, {}),
+    "max_pool": (MaxPoolMIL, {}),
+    "mi_net": (MiNet, {}),
+    "clam_sb": (CLAM, {"multi_branch": False}),
+    "clam_mb": (CLAM, {"multi_branch": True}),
+    "transmil": (TransMIL, {}),
+    "dsmil": (DSMIL, {}),
 }
 
 

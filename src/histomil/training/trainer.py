@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -266,6 +267,8 @@ def _train_epoch(
     device: torch.device,
 ) -> tuple[float, float]:
     model.train()
+    # Models whose forward takes ``y`` (e.g. CLAM's instance clustering) get the bag labels.
+    takes_labels = "y" in inspect.signature(model.forward).parameters
     order = rng.permutation(len(feats))
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -280,9 +283,12 @@ def _train_epoch(
             batch.append(f)
         x, mask = _collate(batch, device)
         target = y[torch.from_numpy(idx).to(device)]
-        out = model(x, mask)
+        out = model(x, mask, y=target) if takes_labels else model(x, mask)
         loss = F.cross_entropy(out.logits, target, weight=weight)
-        aux = out.extras.get("aux_loss") if out.extras else None
+        extras = out.extras or {}
+        if "loss_weight_bag" in extras:  # e.g. CLAM: 0.7 * bag loss + 0.3 * instance loss (in aux_loss)
+            loss = loss * extras["loss_weight_bag"]
+        aux = extras.get("aux_loss")
         if aux is not None:  # models with auxiliary objectives (e.g. instance-level losses) put them here
             loss = loss + aux
         optimizer.zero_grad(set_to_none=True)
