@@ -1,0 +1,213 @@
+"""Whole-slide commands: ``histomil tile``, ``histomil features slides``, ``histomil heatmap`` and
+slide prediction (``histomil predict`` on slide files).
+
+Options are declared with ``Annotated`` so every parameter keeps a plain Python default: the
+functions can be registered with typer (``app.command("tile")(tile_cmd)``) and also called
+directly from Python, e.g. ``predict_slides_cmd(model, [source], out)`` when ``histomil predict``
+finds slides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from histomil.errors import HistomilError
+from histomil.ui import log, progress_bars, user_errors
+
+# ---------------------------------------------------------------------------- shared options
+
+SlidesArg = Annotated[list[Path], typer.Argument(help="Slide files (.svs .ndpi .mrxs .tif ...) or folders of them.")]
+TileSizeOpt = Annotated[int, typer.Option("--tile-size", help="Tile side in pixels at the target resolution.")]
+MppOpt = Annotated[float | None, typer.Option("--mpp", help="Target micrometres per pixel (default 0.5, about 20x).")]
+MagOpt = Annotated[float | None, typer.Option("--magnification", help="Target magnification instead of --mpp, e.g. 20.")]
+SlideMppOpt = Annotated[float | None, typer.Option("--slide-mpp", help="Scan um/px for slides whose header has none.")]
+SlideMagOpt = Annotated[
+    float | None, typer.Option("--slide-magnification", help="Objective power for slides whose header has none.")
+]
+MinTissueOpt = Annotated[float, typer.Option("--min-tissue", help="Keep tiles at least this fraction tissue.")]
+OnBadSlideOpt = Annotated[str, typer.Option("--on-bad-slide", help="'error' stops at a bad slide; 'skip' lists it and goes on.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tiles per encoder batch.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Tile-reading worker processes (reading overlaps encoding).")]
+ScaleOpt = Annotated[str, typer.Option("--scale", help="Heatmap colours: 'rank' (percentile among tiles) or 'linear'.")]
+CoordsOpt = Annotated[
+    Path | None,
+    typer.Option("--coords", help="Folder of <slide>.h5 tile coordinates (histomil tile, CLAM or TRIDENT) to encode instead of tiling."),
+]
+
+
+def tiling_spec(
+    tile_size: int = 224,
+    mpp: float | None = None,
+    magnification: float | None = None,
+    slide_mpp: float | None = None,
+    slide_magnification: float | None = None,
+    min_tissue: float = 0.5,
+):
+    """A :class:`TilingSpec` from command options; invalid combinations -> one-line HistomilError."""
+    from pydantic import ValidationError
+
+    from histomil.slides.tiling import TilingSpec
+
+    if mpp is not None and magnification is not None:
+        raise HistomilError("give --mpp or --magnification, not both")
+    raw: dict = {"tile_size": tile_size, "min_tissue": min_tissue}
+    for key, value in (("mpp", mpp), ("magnification", magnification), ("slide_mpp", slide_mpp),
+                       ("slide_magnification", slide_magnification)):
+        if value is not None:
+            raw[key] = value
+    try:
+        return TilingSpec(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "tiling"
+        raise HistomilError(f"invalid tiling option {where}: {err.get('msg', exc)}") from None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise HistomilError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+@user_errors
+def tile_cmd(
+    slides: SlidesArg,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: <slide>.h5 coordinates, mask and tile previews.")],
+    tile_size: TileSizeOpt = 224,
+    mpp: MppOpt = None,
+    magnification: MagOpt = None,
+    slide_mpp: SlideMppOpt = None,
+    slide_magnification: SlideMagOpt = None,
+    min_tissue: MinTissueOpt = 0.5,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also write the tiles as JPEG files, one folder per slide.")] = False,
+    on_bad_slide: OnBadSlideOpt = "error",
+) -> None:
+    """Find the tissue and cut each slide into tiles at a fixed resolution (coordinates, previews, optional JPEGs)."""
+    from histomil.slides.features import find_slides
+    from histomil.slides.tiling import tile_slides
+
+    _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
+    paths = find_slides(slides)
+    with progress_bars() as progress:
+        summary = tile_slides(paths, out, spec, save_images=save_images, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
+                              log=log, progress=progress)
+    log(f"{len(summary.written)} slides tiled ({sum(summary.n_tiles.values())} tiles), "
+        f"{len(summary.skipped)} skipped; written to {out}")
+
+
+@user_errors
+def slide_features_cmd(
+    slides: SlidesArg,
+    out: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>.h5 feature file per slide.")],
+    encoder: Annotated[str, typer.Option("--encoder", help="Tile encoder.")] = "efficientnet_lite0",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (CPU autocast, about 2x faster).")] = "bf16",
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 1,
+    tile_size: TileSizeOpt = 224,
+    mpp: MppOpt = None,
+    magnification: MagOpt = None,
+    slide_mpp: SlideMppOpt = None,
+    slide_magnification: SlideMagOpt = None,
+    min_tissue: MinTissueOpt = 0.5,
+    coords: CoordsOpt = None,
+    on_bad_slide: OnBadSlideOpt = "error",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode slides whose feature file is complete.")] = False,
+) -> None:
+    """Encode tiles straight from the slides into one HDF5 per slide (CLAM/TRIDENT layout; resumable)."""
+    from histomil.features.encoders import build_encoder
+    from histomil.slides.features import extract_slide_features
+
+    _check_choice("--precision", precision, ("fp32", "bf16"))
+    _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
+    enc = build_encoder(encoder, precision=precision, channels_last=True)
+    with progress_bars() as progress:
+        s = extract_slide_features(slides, out, enc, spec, coords_dir=coords, batch_size=batch_size,
+                                   num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
+                                   overwrite=overwrite, log=log, progress=progress)
+    n = sum(s.n_tiles.values())
+    rate = f", {n / s.seconds:.0f} tiles/s" if s.written and s.seconds > 0 else ""
+    log(f"{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
+        f"{len(s.skipped)} skipped; written to {out}")
+
+
+@user_errors
+def heatmap_cmd(
+    model: Annotated[Path, typer.Argument(help="A model checkpoint (model.pt).")],
+    slide: Annotated[Path, typer.Argument(help="One slide file.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: heatmap PNG, tiles GeoJSON, features, predictions.csv.")],
+    scale: ScaleOpt = "rank",
+    tile_size: TileSizeOpt = 224,
+    mpp: MppOpt = None,
+    magnification: MagOpt = None,
+    slide_mpp: SlideMppOpt = None,
+    slide_magnification: SlideMagOpt = None,
+    min_tissue: MinTissueOpt = 0.5,
+    coords: CoordsOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 1,
+) -> None:
+    """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON)."""
+    from histomil.slides.heatmap import SCALES, predict_slides
+
+    _check_choice("--scale", scale, SCALES)
+    if slide.is_dir():
+        raise HistomilError(f"{slide}: is a folder; heatmap takes one slide file (use 'histomil predict' for a folder)")
+    spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
+    with progress_bars() as progress:
+        rows = predict_slides(model, [slide], out, spec, coords_dir=coords, scale=scale,  # type: ignore[arg-type]
+                              batch_size=batch_size, num_workers=workers, log=log, progress=progress)
+    row = rows[0]
+    log(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
+        f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
+
+
+@user_errors
+def predict_slides_cmd(
+    model: Annotated[Path, typer.Argument(help="A model checkpoint (model.pt).")],
+    slides: SlidesArg,
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Output folder (predictions.csv, heatmaps/, features/); a path ending in .csv "
+                                   "names the CSV and puts the rest in a folder of the same name beside it."),
+    ],
+    top_k: Annotated[int, typer.Option("--top-k", help="How many highest-attention tiles to list per slide.")] = 5,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Decision threshold (default: the model's).")] = None,
+    scale: ScaleOpt = "rank",
+    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Draw a heatmap and GeoJSON per slide.")] = True,
+    tile_size: TileSizeOpt = 224,
+    mpp: MppOpt = None,
+    magnification: MagOpt = None,
+    slide_mpp: SlideMppOpt = None,
+    slide_magnification: SlideMagOpt = None,
+    min_tissue: MinTissueOpt = 0.5,
+    coords: CoordsOpt = None,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 1,
+    on_bad_slide: OnBadSlideOpt = "error",
+) -> None:
+    """Predict unlabelled slides: tile, encode with the model's encoder, predict; CSV plus heatmaps."""
+    from histomil.slides.heatmap import SCALES, predict_slides
+
+    _check_choice("--scale", scale, SCALES)
+    _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
+    out = Path(out)
+    csv_path = None
+    if out.suffix.lower() == ".csv":
+        csv_path, out = out, out.with_suffix("")
+    with progress_bars() as progress:
+        rows = predict_slides(model, slides, out, spec, csv_path=csv_path, coords_dir=coords, top_k=top_k,
+                              threshold=threshold, scale=scale, heatmaps=heatmaps,  # type: ignore[arg-type]
+                              batch_size=batch_size, num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
+                              log=log, progress=progress)
+    done = [r for r in rows if r["predicted_class"] != ""]
+    n_pos = sum(int(r["predicted_class"]) == 1 for r in done)
+    log(f"{len(done)} slides predicted ({n_pos} positive), {len(rows) - len(done)} skipped; "
+        f"written to {csv_path or out / 'predictions.csv'}")
