@@ -1,0 +1,46 @@
+"""``histomil crossval``: patient-grouped cross-validation repeated over seeds, with bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from histomil.errors import HistomilError
+from histomil.ui import console, log, progress_bars, user_errors
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.epochs=5", "seeds=[0,1]"]`` -> ``{"train.epochs": 5, "seeds": [0, 1]}`` (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HistomilError(f"--set {item!r}: expected KEY=VALUE, e.g. --set folds=3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise HistomilError(f"--set {item!r}: the value is not valid YAML") from None
+    return out
+
+
+@user_errors
+def crossval_cmd(
+    config: Path = typer.Argument(..., help="Cross-validation config (YAML): tile table, folds, seeds, study sizes, training."),
+    out: Path = typer.Option(..., "--out", help="Output folder (running again resumes: finished folds are skipped)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set folds=3 --set seeds=[0,1]."),
+) -> None:
+    """Patient-grouped k-fold cross-validation over several seeds: mean, std and bootstrap 95% CIs."""
+    from histomil.evaluation.protocol import (
+        crossval_markdown,
+        load_crossval_config,
+        run_crossval,
+    )
+
+    cfg = load_crossval_config(config, parse_overrides(set_))
+    with progress_bars() as progress:
+        summary = run_crossval(cfg, out, log=log, progress=progress)
+    console.print(crossval_markdown(summary), markup=False, highlight=False, soft_wrap=True)
+    log(f"wall time {summary['wall_seconds']:.0f} s; reports, plots and per-fold results in {out}")

@@ -1,0 +1,82 @@
+"""Choose a bag-level decision threshold on validation predictions only.
+
+The threshold is part of the model: it is fixed on the validation split and then applied unchanged
+to every test set, so test labels never influence it. Rules:
+
+* ``fixed``: ``value`` (default 0.5), whatever the validation data say;
+* ``youden``: the cut that maximises Youden's J = sensitivity + specificity - 1 on validation
+  (ties go to the highest threshold, i.e. the fewest positive calls);
+* ``sensitivity``: the highest threshold whose validation sensitivity is at least ``value``
+  (default 0.9).
+
+A bag is called positive when ``prob >= threshold``. The data-driven rules place the threshold
+halfway between the validation score that defines the cut and the next lower validation score:
+validation bags are classified exactly as at the cut itself, while a test bag that falls in the
+gap between two validation scores is not decided by an arbitrary tie-break at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from histomil.errors import HistomilError
+from histomil.evaluation.metrics import check_binary_inputs
+
+Rule = Literal["fixed", "youden", "sensitivity"]
+RULES: tuple[str, ...] = ("fixed", "youden", "sensitivity")
+DEFAULT_VALUE = {"fixed": 0.5, "youden": None, "sensitivity": 0.9}
+
+
+def choose_threshold(y_val, p_val, rule: str = "fixed", value: float | None = None) -> float:
+    """The decision threshold for ``rule`` from validation labels and positive-class probabilities.
+
+    ``value`` is the threshold for ``fixed`` (default 0.5) and the target sensitivity for
+    ``sensitivity`` (default 0.9); ``youden`` takes no value. The data-driven rules need both
+    classes in the validation set and raise :class:`HistomilError` otherwise.
+    """
+    if rule not in RULES:
+        raise HistomilError(f"threshold rule {rule!r}: choose one of {', '.join(RULES)}")
+    if value is None:
+        value = DEFAULT_VALUE[rule]
+    if rule == "fixed":
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise HistomilError(f"fixed threshold must lie in [0, 1], got {value!r}")
+        return float(value)
+    if rule == "youden" and value is not None:
+        raise HistomilError("the youden threshold rule takes no value")
+    if rule == "sensitivity" and not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+        raise HistomilError(f"target sensitivity must lie in (0, 1], got {value!r}")
+
+    y, p = check_binary_inputs(y_val, p_val, "validation predictions")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        only = "positive" if n_pos else "negative"
+        raise HistomilError(
+            f"validation predictions: all {y.size} bags are {only}, so the {rule!r} threshold is undefined;"
+            " use a validation split with both classes or the 'fixed' rule"
+        )
+    # drop_intermediate=False: one point per distinct score, from the highest cut (inf) down.
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    if rule == "youden":
+        j = tpr - fpr
+        k = int(np.argmax(j[1:])) + 1  # index 0 is the "call nothing positive" cut at +inf
+    else:
+        ok = np.flatnonzero(tpr >= float(value) - 1e-12)
+        k = int(ok[0]) if ok.size else len(thr) - 1
+        k = max(k, 1)
+    cut = float(thr[k])
+    lower = float(thr[k + 1]) if k + 1 < len(thr) else cut
+    return (cut + lower) / 2.0
+
+
+def describe_rule(rule: str, value: float | None = None) -> str:
+    """A short human description, e.g. ``'youden on validation'`` or ``'fixed 0.5'``."""
+    if rule == "fixed":
+        return f"fixed {DEFAULT_VALUE['fixed'] if value is None else value:g}"
+    if rule == "youden":
+        return "Youden's J on validation"
+    return f"sensitivity >= {DEFAULT_VALUE['sensitivity'] if value is None else value:g} on validation"
