@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from histomil.cli import app
-from histomil.resources import demo_config_path, example_tile_table
+from histomil.resources import demo_config_path
 
 runner = CliRunner()
 

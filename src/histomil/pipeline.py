@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from histomil import config
 from histomil.data.bags import load_bag_folders
 from histomil.data.compose import StudySpec, compose_study, read_study, read_tile_table
 from histomil.errors import HistomilError
@@ -59,32 +59,7 @@ class StudyRunConfig(_Strict):
 
 def load_config(path: str | Path, overrides: dict | None = None) -> StudyRunConfig:
     """Read and validate a YAML/JSON run config; errors name the file and the bad key."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    try:
-        cfg = StudyRunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise HistomilError(f"{path}: {validation_message(exc)}") from None
-    if not cfg.tiles.is_absolute():
-        cfg.tiles = (path.parent / cfg.tiles).resolve()
-    return cfg
-
-
-def validation_message(exc: ValidationError) -> str:
-    """pydantic's first error as one line: 'key.sub: what is wrong'."""
-    err = exc.errors()[0]
-    where = ".".join(str(x) for x in err["loc"]) or "config"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {err['msg']}{more}"
+    return config.load_config(StudyRunConfig, path, overrides)
 
 
 def split_names(study_dir: Path) -> list[str]:

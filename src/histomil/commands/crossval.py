@@ -6,24 +6,8 @@ from pathlib import Path
 
 import typer
 
-from histomil.errors import HistomilError
+from histomil.config import parse_overrides
 from histomil.ui import console, log, progress_bars, user_errors
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["train.epochs=5", "seeds=[0,1]"]`` -> ``{"train.epochs": 5, "seeds": [0, 1]}`` (values read as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise HistomilError(f"--set {item!r}: expected KEY=VALUE, e.g. --set folds=3")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise HistomilError(f"--set {item!r}: the value is not valid YAML") from None
-    return out
 
 
 @user_errors

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
+from histomil import config
 from histomil.data.compose import (
     SPLITS,
     StudySpec,
@@ -69,7 +69,6 @@ from histomil.pipeline import (
     FeatureConfig,
     TileColumns,
     extract_study,
-    validation_message,
 )
 from histomil.reports.plots import plot_roc_pr, plot_training_curves
 from histomil.reports.tables import write_json, write_text
@@ -162,29 +161,7 @@ class CrossValConfig(_Strict):
 
 def load_crossval_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CrossValConfig:
     """Read a YAML/JSON cross-validation config, apply dotted ``overrides`` and validate it."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise HistomilError(f"{path}: a config must be a mapping of settings, got {type(raw).__name__}")
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise HistomilError(f"--set {dotted}: {key!r} is not a group of settings")
-        node[leaf] = value
-    try:
-        cfg = CrossValConfig.model_validate(raw)
-    except ValidationError as exc:
-        message = validation_message(exc).replace("Value error, ", "").removeprefix("config: ")
-        raise HistomilError(f"{path}: {message}") from None
-    if not cfg.tiles.is_absolute():
-        cfg.tiles = (path.parent / cfg.tiles).resolve()
-    return cfg
+    return config.load_config(CrossValConfig, path, overrides)
 
 
 # --------------------------------------------------------------------------------------------
