@@ -13,9 +13,10 @@ from typing import Optional
 
 import typer
 
+from histomil.config import parse_overrides, read_mapping, validate
 from histomil.errors import HistomilError
-from histomil.ui import progress_bars, user_errors
 from histomil.ui import log as _log
+from histomil.ui import progress_bars, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multiple instance learning for histology.")
 bags_app = typer.Typer(no_args_is_help=True, help="Compose and check bag datasets.")
@@ -60,35 +61,31 @@ def bags_make(
     )
 
     try:
-        spec = StudySpec(
+        witness_ranges = dict(train_witnesses=_witnesses(train_witnesses), val_witnesses=_witnesses(val_witnesses))
+        fractions = tuple(float(f) for f in split_fractions.split(","))
+        tests = [int(w) for w in test_witnesses.split(",") if w.strip()]
+    except ValueError:
+        raise HistomilError("--split-fractions and --test-witnesses take comma-separated numbers") from None
+    spec = validate(
+        StudySpec,
+        dict(
             bag_size=bag_size,
             train_bags=train_bags,
             val_bags=val_bags,
             test_bags=test_bags,
-            train_witnesses=_witnesses(train_witnesses),
-            val_witnesses=_witnesses(val_witnesses),
-            test_witnesses=[int(w) for w in test_witnesses.split(",") if w.strip()],
-            split_fractions=tuple(float(f) for f in split_fractions.split(",")),
+            test_witnesses=tests,
+            split_fractions=fractions,
             seed=seed,
             link=link,
-        )
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
-        raise HistomilError(f"invalid study options: {_first_error(exc)}") from None
+            **witness_ranges,
+        ),
+        "invalid study options",
+    )
     table = read_tile_table(tile_table, path_col, label_col, patient_col, split_col)
     with progress_bars() as progress:
         study = compose_study(table, spec, out, progress=lambda s, d, t: progress(f"composing {s}", d, t), overwrite=overwrite)
     _log(format_counts(study))
     _log(f"study written to {out}")
-
-
-def _first_error(exc: Exception) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        from histomil.pipeline import validation_message
-
-        return validation_message(exc)
-    return str(exc).splitlines()[0]
 
 
 @bags_app.command("check")
@@ -172,15 +169,12 @@ def train_cmd(
 
     raw: dict = {}
     if config is not None:
-        raw = _read_mapping(config)
+        raw = read_mapping(config)
     for key, value in dict(model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
                            patience=patience, min_epochs=min_epochs, seed=seed).items():
         if value is not None:
             raw[key] = value
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValueError as exc:
-        raise HistomilError(f"{config or 'training options'}: {_first_error(exc)}") from None
+    cfg = validate(TrainConfig, raw, str(config or "training options"))
     train_bags = load_feature_dataset(train_features, require_labels=True)
     val_bags = load_feature_dataset(val, require_labels=True)
     encoder_info = dict(train_bags[0].attrs)
@@ -188,18 +182,6 @@ def train_cmd(
         result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
                        on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
     _log(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
-
-
-def _read_mapping(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise HistomilError(f"{path}: config must be a mapping of keys to values")
-    return data
 
 
 @app.command("evaluate")
@@ -232,9 +214,23 @@ def predict_cmd(
     top_k: int = typer.Option(5, help="How many highest-attention tiles to list per bag."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the model's)."),
     on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
+    mpp: float = typer.Option(0.5, help="Slides only: tile resolution in micrometres per pixel."),
+    slide_mpp: Optional[float] = typer.Option(None, help="Slides only: the scan resolution when the header has none."),
 ) -> None:
-    """Predict unlabelled bags: probability, class and the tiles that drove the decision."""
+    """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
+
+    A slide file or a folder of slides is tiled, encoded and predicted in one call, with a heatmap per
+    slide (see also 'histomil predict-slides' for every tiling option).
+    """
     from histomil.evaluation.predict import predict_source
+    from histomil.slides.features import is_slide_source
+
+    if is_slide_source(source):
+        from histomil.commands.slides import predict_slides_cmd
+
+        predict_slides_cmd(model, [source], out, top_k=top_k, threshold=threshold, mpp=mpp, slide_mpp=slide_mpp,
+                           on_bad_slide="skip" if on_bad_tile == "skip" else "error")
+        return
 
     with progress_bars() as progress:
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress)
@@ -258,14 +254,11 @@ def compare_cmd(
     from histomil.evaluation.compare import compare_markdown, compare_models
     from histomil.training.trainer import TrainConfig
 
-    raw = _read_mapping(config) if config is not None else {}
+    raw = read_mapping(config) if config is not None else {}
     for key, value in dict(epochs=epochs, batch_size=batch_size).items():
         if value is not None:
             raw[key] = value
-    try:
-        base = TrainConfig.model_validate(raw)
-    except ValueError as exc:
-        raise HistomilError(f"{config or 'training options'}: {_first_error(exc)}") from None
+    base = validate(TrainConfig, raw, str(config or "training options"))
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     from histomil.models.registry import model_names
 
@@ -293,20 +286,8 @@ def run_cmd(
     """Compose bags, extract features, train and evaluate, timing each step."""
     from histomil.pipeline import load_config
 
-    cfg = load_config(config, _overrides(set_))
+    cfg = load_config(config, parse_overrides(set_))
     _run_and_print(cfg, out)
-
-
-def _overrides(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise HistomilError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _run_and_print(cfg, out: Path) -> None:
@@ -333,9 +314,24 @@ def demo_cmd(
 
     _log("histomil demo: example H&E tiles from EBHI-Seg (CC BY 4.0, Shi et al. 2023), bags of 40, "
          "test sets with W = 20, 10, 5, 1 tumour tiles")
-    cfg = load_config(demo_config_path(), _overrides(set_))
+    cfg = load_config(demo_config_path(), parse_overrides(set_))
     _run_and_print(cfg, out)
 
+
+def _register_commands() -> None:
+    """Commands that live in histomil.commands (slides, end-to-end pixels, cross-validation)."""
+    from histomil.commands import crossval, pixels, report, slides
+
+    app.command("tile")(slides.tile_cmd)
+    features_app.command("slides")(slides.slide_features_cmd)
+    app.command("heatmap")(slides.heatmap_cmd)
+    app.command("predict-slides")(slides.predict_slides_cmd)
+    app.command("train-pixels")(pixels.train_pixels_cmd)
+    app.command("crossval")(crossval.crossval_cmd)
+    app.command("report")(report.report_cmd)
+
+
+_register_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

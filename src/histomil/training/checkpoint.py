@@ -10,6 +10,9 @@ A checkpoint is a ``torch.save`` dict of plain Python values and tensors only (s
   so prediction can refuse features from a different encoder.
 * ``train_config``: the training configuration as a dict; ``histomil_version``; ``extra``
   (best epoch and its metrics, anything else the trainer wants to keep).
+* ``kind``: ``"features"`` (a MIL model on cached features, rebuilt from the registry; also
+  assumed when the key is missing) or ``"pixels"`` (an end-to-end tile encoder + MIL head, rebuilt
+  from ``train_config`` by :func:`histomil.training.pixels.model_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from histomil.models.registry import build_model
 FORMAT = "histomil-mil-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED = ("model_name", "model_kwargs", "in_dim", "n_classes", "state_dict")
+KINDS = ("features", "pixels")
 
 
 def save_checkpoint(
@@ -43,9 +47,12 @@ def save_checkpoint(
     train_config: dict[str, Any] | Any | None,
     extra: dict[str, Any] | None = None,
     in_dim: int | None = None,
+    kind: str = "features",
 ) -> Path:
     """Write a checkpoint atomically (temp file + rename); returns the path."""
     path = Path(path)
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
     in_dim = in_dim if in_dim is not None else getattr(model, "in_dim", None)
     if in_dim is None:
         raise ValueError("in_dim is unknown: pass in_dim= or give the model an 'in_dim' attribute")
@@ -54,6 +61,7 @@ def save_checkpoint(
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": kind,
         "histomil_version": __version__,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
@@ -109,8 +117,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
             f"{path}: checkpoint format {data['format_version']} is newer than this histomil "
             f"({__version__}) understands; upgrade histomil"
         )
+    kind = data.get("kind", "features")
+    if kind not in KINDS:
+        raise HistomilError(f"{path}: unknown checkpoint kind {kind!r}; upgrade histomil")
     try:
-        model = build_model(data["model_name"], int(data["in_dim"]), int(data["n_classes"]), **data["model_kwargs"])
+        if kind == "pixels":
+            from histomil.training.pixels import model_from_checkpoint  # lazy: pixels imports this module
+
+            model = model_from_checkpoint(data)
+        else:
+            model = build_model(data["model_name"], int(data["in_dim"]), int(data["n_classes"]), **data["model_kwargs"])
     except HistomilError as exc:
         raise HistomilError(f"{path}: {exc}") from None
     try:

@@ -1,0 +1,81 @@
+"""``histomil train-pixels``: end-to-end MIL training from tile images (see :mod:`histomil.training.pixels`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from histomil.errors import HistomilError
+from histomil.ui import log, progress_bars, user_errors
+
+
+def _read_mapping(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise HistomilError(f"{path}: config must be a mapping of keys to values")
+    return data
+
+
+@user_errors
+def train_pixels_cmd(
+    train: Path = typer.Argument(..., help="Training bags: a bag root folder (one sub-folder of tiles per bag) or a manifest CSV."),
+    val: Path = typer.Option(..., "--val", help="Validation bags (folder or manifest)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model.pt (best), history.csv."),
+    labels: Optional[Path] = typer.Option(None, help="Labels CSV (case,y_true) for the training bags; default root/labels.csv or df.csv."),
+    val_labels: Optional[Path] = typer.Option(None, help="Labels CSV for the validation bags."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON config (keys of PixelTrainConfig); options below override it."),
+    backbone: Optional[str] = typer.Option(None, help="efficientnet_lite0 (ImageNet, default) or original (the original project's CNN)."),
+    model: Optional[str] = typer.Option(None, help="MIL head: gated_abmil, abmil, original_concat (default: gated_abmil / original_concat for --backbone original)."),
+    finetune: Optional[str] = typer.Option(None, help="efficientnet: none (frozen), last_blocks (default) or all."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (and of the original CNN)."),
+    encoder_lr: Optional[float] = typer.Option(None, help="Learning rate of the fine-tuned encoder (default lr/10)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay."),
+    augment_p: Optional[float] = typer.Option(None, help="Probability of each flip / rotation / transpose (0 = off)."),
+    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (autocast of the encoder)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory layout for the encoder (default on: faster on CPU)."),
+    tile_chunk: Optional[int] = typer.Option(None, help="Encode K tiles at a time with activation checkpointing (0 = all at once)."),
+    input_size: Optional[int] = typer.Option(None, help="Resize tiles to this size (default 224 / the native tile size for original)."),
+    max_tiles: Optional[int] = typer.Option(None, help="Randomly sub-sample training bags larger than this."),
+    monitor: Optional[str] = typer.Option(None, help="val_loss or val_auc."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    workers: Optional[int] = typer.Option(None, help="Tile-decoding worker processes (0 = main process)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (0 = all cores; 1 is faster when other jobs share the CPU)."),
+    on_bad_tile: str = typer.Option("error", help="'error' stops at the first unreadable tile; 'skip' decodes every tile first and leaves bad ones out."),
+) -> None:
+    """Train a tile encoder and a MIL head together, end to end from the tile images."""
+    from histomil.data.bags import check_bags, load_bags
+    from histomil.training.pixels import PixelTrainConfig, train_pixels
+
+    raw: dict = _read_mapping(config) if config is not None else {}
+    options = dict(backbone=backbone, model=model, finetune=finetune, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
+                   weight_decay=weight_decay, augment_p=augment_p, precision=precision, channels_last=channels_last,
+                   input_size=input_size, max_tiles=max_tiles, monitor=monitor, patience=patience,
+                   min_epochs=min_epochs, seed=seed, num_workers=workers, device=device, threads=threads)
+    raw.update({k: v for k, v in options.items() if v is not None})
+    if tile_chunk is not None:
+        raw["tile_chunk"] = tile_chunk or None
+    cfg = PixelTrainConfig.parse(raw, str(config) if config is not None else "train-pixels options")
+
+    train_bags = load_bags(train, labels, require_labels=True, on_bad_tile=on_bad_tile, log=log)
+    val_bags = load_bags(val, val_labels, require_labels=True, on_bad_tile=on_bad_tile, log=log)
+    with progress_bars() as progress:
+        if on_bad_tile == "skip":
+            train_bags = check_bags(train_bags, "skip", log, lambda d, t: progress("checking training tiles", d, t))
+            val_bags = check_bags(val_bags, "skip", log, lambda d, t: progress("checking validation tiles", d, t))
+        result = train_pixels(train_bags, val_bags, cfg, out, on_epoch=lambda row: progress("epochs", int(row["epoch"]), cfg.epochs),
+                              progress=progress)
+    best = result.best_metrics
+    log(f"best epoch {result.best_epoch} of {result.epochs_run}: val_loss {best.get('val_loss', float('nan')):.4f}, "
+        f"val_acc {best.get('val_acc', float('nan')):.3f}, val_auc {best.get('val_auc', float('nan')):.3f}; "
+        f"model saved to {result.model_path}")

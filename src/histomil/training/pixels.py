@@ -1,0 +1,560 @@
+"""End-to-end MIL from pixels: a tile encoder and a MIL head trained together, one bag per step.
+
+Unlike :mod:`.trainer` (a MIL head on cached, frozen features), the tiles are decoded and
+augmented every epoch and gradients can flow into the encoder, so it adapts to histology:
+
+* ``backbone="efficientnet_lite0"``: the ImageNet EfficientNet-Lite0 (tiles resized to 224 px,
+  scaled to [-1, 1]); ``finetune`` = ``"none"`` (frozen encoder: only the head learns, still on
+  freshly augmented tiles), ``"last_blocks"`` (the last two stages, blocks 11-15, and the 1x1 head
+  convolution) or ``"all"``. The encoder always runs with frozen BatchNorm statistics and without
+  stochastic depth (eval mode): the tiles of one bag come from one case, so their batch statistics
+  are poor estimates, and frozen statistics make chunked encoding (below) exact.
+* ``backbone="original"``: the original project's tile CNN trained from scratch (pixels 0..255 at
+  the native tile size), by default with its order-dependent concatenation head
+  (``model="original_concat"``, see :mod:`histomil.models.original`), or with any registry head.
+
+Memory: backpropagating through 40 tiles stores every intermediate activation of 40 forward
+passes. With ``tile_chunk=K`` the encoder runs on chunks of K tiles under
+:func:`torch.utils.checkpoint.checkpoint`: only the (T, D) tile embeddings are kept, and each
+chunk's activations are recomputed during the backward pass, so peak memory is that of K tiles
+(plus the embeddings) at the price of one extra encoder forward pass. Results equal unchunked
+encoding up to float rounding. Without gradients (frozen encoder, validation) tiles are simply
+encoded K at a time.
+
+Tiles are read with :func:`~histomil.data.images.read_rgb`, augmented (training only) and resized
+in DataLoader worker processes. Randomness (initialisation, dropout, bag order, tile sub-sampling,
+augmentation) derives from ``config.seed`` only, so a run is reproducible for a seed.
+
+Files written to ``out_dir``: ``history.csv`` (one row per epoch, as :mod:`.trainer`) and
+``model.pt``, the best checkpoint by the monitored metric (kind ``"pixels"``;
+:func:`~histomil.training.checkpoint.load_checkpoint` rebuilds it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pydantic
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+
+from histomil.data.augment import augment_tile
+from histomil.data.bags import Bag
+from histomil.data.images import read_rgb
+from histomil.errors import HistomilError
+from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
+from histomil.models.base import MILOutput
+from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
+from histomil.models.registry import build_model
+from histomil.training.checkpoint import save_checkpoint
+from histomil.training.trainer import (
+    _auc,
+    _device,
+    _improves,
+    _State,
+    _write_history,
+    torch_threads,
+)
+
+BACKBONES = ("efficientnet_lite0", "original")
+ORIGINAL_HEAD = "original_concat"  # the original's concatenation head (not in the feature-model registry)
+LAST_BLOCKS = 5  # finetune="last_blocks": EfficientNet-Lite0 blocks 11-15 (the 192- and 320-channel stages)
+EFFICIENTNET_SIZE = 224
+
+Progress = Callable[[str, int, int], None]
+
+
+class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
+    """Options of end-to-end training (unknown keys are an error). ``None`` = backbone default."""
+
+    backbone: Literal["efficientnet_lite0", "original"] = "efficientnet_lite0"
+    model: str | None = None  # MIL head: gated_abmil (efficientnet) / original_concat (original)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: bool = True  # ImageNet weights for efficientnet_lite0 (False: tests only, see build_pixel_model)
+    finetune: Literal["none", "last_blocks", "all"] | None = None  # last_blocks (efficientnet) / all (original)
+    input_size: int | None = Field(None, ge=8)  # tiles are resized to this; 224 / native tile size
+    epochs: int = Field(100, ge=1)
+    lr: float = Field(5e-4, ge=0)  # head (and original CNN) learning rate
+    encoder_lr: float | None = Field(None, ge=0)  # lr / 10 for a pretrained encoder, lr for the original
+    weight_decay: float = Field(1e-4, ge=0)
+    augment_p: float = Field(0.2, ge=0, le=1)  # probability of each flip / rotation / transpose
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast of the encoder (head stays fp32)
+    channels_last: bool = True  # NHWC layout for the encoder: 1.3-1.5x faster training steps on our CPU
+    tile_chunk: int | None = Field(8, ge=1)  # encode K tiles at a time, checkpointed; None = all at once
+    max_tiles: int | None = Field(None, ge=1)  # random sub-sample of larger training bags
+    monitor: Literal["val_loss", "val_auc"] = "val_loss"
+    patience: int = Field(10, ge=1)
+    min_epochs: int = Field(10, ge=0)
+    seed: int = 0
+    num_workers: int = Field(1, ge=0)  # tile-decoding worker processes (0 = in the main process)
+    device: str = "cpu"
+    # CPU threads (0 = torch's default, all cores). Convolutions use them well on an idle machine, but
+    # when other processes compete for the cores, 1 thread was several times faster than 2 on our CPU.
+    threads: int = Field(0, ge=0)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], source: str = "pixel training config") -> PixelTrainConfig:
+        """Validate a dict; problems -> one-line HistomilError naming ``source``."""
+        try:
+            return cls.model_validate(data).resolved()
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise HistomilError(f"{source}: {problems}") from None
+
+    def resolved(self) -> PixelTrainConfig:
+        """A copy with the backbone defaults filled in; inconsistent options -> HistomilError."""
+        original = self.backbone == "original"
+        finetune = self.finetune or ("all" if original else "last_blocks")
+        if original and finetune != "all":
+            raise HistomilError("finetune applies to efficientnet_lite0; the original CNN is trained from scratch (finetune=all)")
+        encoder_lr = self.encoder_lr
+        if encoder_lr is None:
+            encoder_lr = self.lr / 10 if (not original and self.pretrained) else self.lr
+        return self.model_copy(update={
+            "model": self.model or (ORIGINAL_HEAD if original else "gated_abmil"),
+            "finetune": finetune,
+            "encoder_lr": encoder_lr,
+            "input_size": self.input_size or (None if original else EFFICIENTNET_SIZE),
+        })
+
+
+@dataclass
+class PixelTrainResult:
+    """What :func:`train_pixels` produced; paths point into ``out_dir``."""
+
+    out_dir: Path
+    model_path: Path
+    history_path: Path
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_metrics: dict[str, float]
+    epochs_run: int
+    stopped_early: bool
+    monitor: str
+    n_classes: int
+    config: PixelTrainConfig  # resolved (defaults filled in)
+
+
+# --- preprocessing -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TilePrep:
+    """uint8 RGB (H, W, 3) tiles -> float (T, 3, size, size), resized (bilinear, antialiased).
+
+    ``raw=True`` keeps pixels in 0..255 (the original model); otherwise ``(x / 255 - mean) / std``
+    in the same order of operations as :meth:`TileEncoder.preprocess`.
+    """
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    raw: bool = False
+
+    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
+        out = torch.empty((len(tiles), 3, self.size, self.size), dtype=torch.float32)
+        for i, tile in enumerate(tiles):
+            tile = np.asarray(tile)
+            if not tile.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+                tile = tile.copy()
+            x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1).float().unsqueeze(0)
+            if not self.raw:
+                x = x / 255.0
+            if x.shape[-2:] != (self.size, self.size):
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            out[i] = x[0]
+        if not self.raw:
+            out = (out - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+        return out
+
+    def info(self, name: str, dim: int) -> dict[str, Any]:
+        """Encoder info for checkpoints (kind ``pixels``: the model takes tiles, not features)."""
+        return {"name": name, "input_size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "dim": dim, "raw_pixels": self.raw, "kind": "pixels"}
+
+
+# --- model -------------------------------------------------------------------------------
+
+
+class EfficientNetEncoder(nn.Module):
+    """EfficientNet-Lite0 features (T, 3, S, S) -> (T, 1280), always in eval mode.
+
+    Eval mode freezes the BatchNorm statistics (their affine weights still train) and turns off
+    stochastic depth, so a tile's embedding does not depend on which tiles share its chunk.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0) -> None:
+        super().__init__()
+        backbone._fc = nn.Identity()  # the ImageNet classifier is not used
+        backbone._dropout = nn.Identity()
+        self.backbone = backbone
+        self.out_dim = backbone.num_features
+        super().train(False)
+
+    def train(self, mode: bool = True) -> EfficientNetEncoder:  # always eval, see above
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+
+class PixelMIL(nn.Module):
+    """A tile encoder and a MIL head: ``forward(x (B, N, 3, S, S), mask (B, N) | None) -> MILOutput``.
+
+    ``encoder`` maps (T, 3, S, S) to (T, D); ``head`` is any MIL model taking (B, N, D).
+    ``tile_chunk``: see the module docstring. ``precision="bf16"`` autocasts the encoder to
+    bfloat16 (embeddings are cast back to float32 before the head). ``prep`` is the tile
+    preprocessing the model expects (used by :func:`predict_pixels`).
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, tile_chunk: int | None = None, precision: str = "fp32",
+                 channels_last: bool = False, prep: TilePrep | None = None) -> None:
+        super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise HistomilError(f"unknown precision {precision!r}; choose fp32 or bf16")
+        if tile_chunk is not None and tile_chunk < 1:
+            raise HistomilError(f"tile_chunk must be at least 1, got {tile_chunk}")
+        self.encoder = encoder
+        self.head = head
+        self.tile_chunk = tile_chunk
+        self.precision = precision
+        self.channels_last = bool(channels_last)
+        self.prep = prep
+        self.in_dim = int(getattr(head, "in_dim", getattr(encoder, "out_dim", 0)))
+        self.n_classes = int(getattr(head, "n_classes", 2))
+        if self.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)
+
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(T, 3, S, S) -> (T, D) float32 embeddings, chunked (and checkpointed when training)."""
+        if self.channels_last:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
+        chunk = self.tile_chunk or tiles.shape[0]
+        with torch.autocast(device_type=tiles.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if not needs_grad:
+                with torch.no_grad():
+                    parts = [self.encoder(c) for c in tiles.split(chunk)]
+            elif tiles.shape[0] <= chunk:
+                parts = [self.encoder(tiles)]
+            else:
+                parts = [checkpoint(self.encoder, c, use_reentrant=False) for c in tiles.split(chunk)]
+        return torch.cat(parts).float()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        if x.dim() != 5:
+            raise HistomilError(
+                f"end-to-end pixel model: expected tiles of shape (B, N, 3, H, W), got {tuple(x.shape)} "
+                "(it takes tile images, not cached features)"
+            )
+        b, n = x.shape[:2]
+        check = getattr(self.head, "check_bag_size", None)
+        if check is not None:
+            check(n)
+        h = self.encode(x.flatten(0, 1)).view(b, n, -1)
+        return self.head(h, mask)
+
+
+def build_pixel_model(config: PixelTrainConfig, n_classes: int, input_size: int, pretrained: bool | None = None) -> PixelMIL:
+    """Build encoder + head for a config; ``pretrained=None`` follows ``config.pretrained``.
+
+    Sets ``requires_grad`` per ``config.finetune``. Uses torch's global RNG for initialisation.
+    An EfficientNet without its ImageNet weights keeps frozen (identity) BatchNorm statistics and
+    trains poorly from scratch: ``pretrained=False`` is for tests and for rebuilding checkpoints.
+    """
+    config = config.resolved()
+    pretrained = config.pretrained if pretrained is None else pretrained
+    encoder: nn.Module
+    if config.backbone == "efficientnet_lite0":
+        backbone = EfficientNetLite0()
+        if pretrained:
+            load_pretrained_lite0(backbone)
+        encoder = EfficientNetEncoder(backbone)
+        prep = TilePrep(input_size)
+        for p in encoder.parameters():
+            p.requires_grad_(config.finetune == "all")
+        if config.finetune == "last_blocks":
+            for module in (*backbone._blocks[-LAST_BLOCKS:], backbone._conv_head, backbone._bn1):
+                for p in module.parameters():
+                    p.requires_grad_(True)
+    else:
+        encoder = OriginalTileCNN(input_size)
+        prep = TilePrep(input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), raw=True)
+    dim = int(encoder.out_dim)
+    head: nn.Module
+    if config.model == ORIGINAL_HEAD:
+        try:
+            head = ConcatAttentionHead(dim, n_classes=n_classes, **config.model_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise HistomilError(f"model {ORIGINAL_HEAD!r}: bad options {config.model_kwargs}: {exc}") from None
+    else:
+        head = build_model(str(config.model), dim, n_classes, **config.model_kwargs)
+    return PixelMIL(encoder, head, tile_chunk=config.tile_chunk, precision=config.precision,
+                    channels_last=config.channels_last, prep=prep)
+
+
+def model_from_checkpoint(data: dict[str, Any]) -> PixelMIL:
+    """Rebuild an (untrained) pixel model from a checkpoint dict; the caller loads the weights."""
+    try:
+        config = PixelTrainConfig.model_validate({**data["train_config"], "device": "cpu"})
+        input_size = int(data["encoder_info"]["input_size"])
+    except (pydantic.ValidationError, KeyError, TypeError, ValueError) as exc:
+        raise HistomilError(f"pixel checkpoint has a malformed training config ({str(exc).splitlines()[0]})") from None
+    return build_pixel_model(config, int(data["n_classes"]), input_size, pretrained=False)
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Task:
+    index: int  # position in the caller's bag list
+    paths: tuple[Path, ...]
+    seed: int  # augmentation seed for this bag and epoch
+
+
+class _TileBags(Dataset):
+    """Reads, augments and preprocesses one bag per item (in a worker process).
+
+    Returns ``(index, tiles, None)`` or ``(index, None, error message)``: exceptions are passed
+    as text because DataLoader cannot re-raise exceptions whose constructor takes two arguments.
+    """
+
+    def __init__(self, tasks: list[_Task], prep: TilePrep, augment_p: float) -> None:
+        self.tasks, self.prep, self.augment_p = tasks, prep, augment_p
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        task = self.tasks[i]
+        try:
+            tiles = [read_rgb(p) for p in task.paths]
+            if self.augment_p > 0:
+                rng = np.random.default_rng(task.seed)
+                tiles = [augment_tile(t, rng, self.augment_p) for t in tiles]
+            return task.index, self.prep(tiles), None
+        except HistomilError as exc:
+            return task.index, None, str(exc)
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _iter_bags(tasks: list[_Task], prep: TilePrep, augment_p: float, num_workers: int, seed: int):
+    """Yield ``(index, tiles (N, 3, S, S))`` in task order; a bad tile -> HistomilError."""
+    loader = DataLoader(
+        _TileBags(tasks, prep, augment_p), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_identity, generator=torch.Generator().manual_seed(seed),
+    )
+    for index, tiles, error in loader:
+        if error is not None:
+            raise HistomilError(error)
+        yield index, tiles
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def train_pixels(
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    config: PixelTrainConfig,
+    out_dir: str | Path,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
+) -> PixelTrainResult:
+    """Train encoder + head end to end on tile bags; early-stop and select on ``val_bags``.
+
+    One bag per optimizer step (Adam; the encoder's trainable weights use ``encoder_lr``).
+    ``on_epoch`` gets each history row plus ``best_epoch`` and ``improved``; ``progress(stage,
+    done, total)`` reports bags within an epoch.
+    """
+    config = config.resolved()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_classes = _check_bags(train_bags, val_bags, config)
+    y_train = np.array([int(b.label) for b in train_bags], dtype=np.int64)  # type: ignore[arg-type]
+    y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)  # type: ignore[arg-type]
+    monitor = config.monitor
+    if monitor == "val_auc" and len(np.unique(y_val)) < 2:
+        warnings.warn("validation bags all have one class, so AUC is undefined; monitoring val_loss instead", stacklevel=2)
+        monitor = "val_loss"
+    device = _device(config.device)
+    input_size = config.input_size or _native_size(train_bags[0])
+    config = config.model_copy(update={"input_size": input_size})
+    paths = {"model": out_dir / "model.pt", "history": out_dir / "history.csv"}
+
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), torch_threads(config.threads):
+        torch.manual_seed(config.seed)
+        model = build_pixel_model(config, n_classes, input_size).to(device)
+        head_params = [p for p in model.head.parameters() if p.requires_grad]
+        enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+        groups = [{"params": head_params, "lr": config.lr}]
+        if enc_params:
+            groups.append({"params": enc_params, "lr": config.encoder_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        rng = np.random.default_rng(config.seed)
+        y_train_t = torch.from_numpy(y_train).to(device)
+        state = _State()
+
+        while state.epoch < config.epochs and not state.stopped:
+            epoch = state.epoch + 1
+            t0 = time.perf_counter()
+            train_loss, train_acc = _train_epoch(model, optimizer, train_bags, y_train_t, config, rng, device, progress)
+            if not math.isfinite(train_loss):
+                raise HistomilError(f"{out_dir}: training diverged at epoch {epoch} (train loss {train_loss}); lower lr (now {config.lr})")
+            outputs = predict_pixels(model, val_bags, num_workers=config.num_workers,
+                                     progress=_stage(progress, "validating (bags)"))
+            val_loss, val_acc, val_auc = _val_metrics(outputs, y_val, n_classes)
+            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                   "val_acc": val_acc, "val_auc": val_auc, "lr": float(config.lr), "seconds": time.perf_counter() - t0}
+            improved = _improves(row, monitor, state)
+            if improved:
+                state.best_epoch, state.best_value, state.best_loss = epoch, float(row[monitor]), val_loss
+                save_checkpoint(
+                    paths["model"], model, str(config.model), config.model_kwargs, n_classes,
+                    model.prep.info(config.backbone, model.in_dim) if model.prep else None, config,
+                    extra={"best_epoch": epoch, "monitor": monitor, "metrics": dict(row),
+                           "n_train_bags": len(train_bags), "n_val_bags": len(val_bags),
+                           "train_class_counts": np.bincount(y_train, minlength=n_classes).tolist()},
+                    in_dim=model.in_dim, kind="pixels",
+                )
+            state.history.append(row)
+            _write_history(paths["history"], state.history)
+            state.epoch = epoch
+            state.stopped = epoch >= config.min_epochs and epoch - state.best_epoch >= config.patience
+            if on_epoch is not None:
+                on_epoch({**row, "best_epoch": state.best_epoch, "improved": improved})
+
+    best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
+    return PixelTrainResult(out_dir=out_dir, model_path=paths["model"], history_path=paths["history"],
+                            history=list(state.history), best_epoch=state.best_epoch, best_metrics=dict(best_row),
+                            epochs_run=state.epoch, stopped_early=state.stopped, monitor=monitor,
+                            n_classes=n_classes, config=config)
+
+
+def _train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequence[Bag], y: torch.Tensor,
+                 config: PixelTrainConfig, rng: np.random.Generator, device: torch.device,
+                 progress: Progress | None) -> tuple[float, float]:
+    model.train()
+    tasks = []
+    for i in rng.permutation(len(bags)):
+        tiles = bags[i].tile_paths
+        if config.max_tiles is not None and len(tiles) > config.max_tiles:
+            keep = np.sort(rng.choice(len(tiles), config.max_tiles, replace=False))
+            tiles = tuple(tiles[k] for k in keep)
+        tasks.append(_Task(int(i), tuple(tiles), int(rng.integers(2**63 - 1))))
+    total_loss, correct = 0.0, 0
+    loader_seed = int(rng.integers(2**63 - 1))
+    for step, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, config.augment_p, config.num_workers, loader_seed), 1):
+        target = y[i : i + 1]
+        out = model(tiles.unsqueeze(0).to(device))
+        loss = F.cross_entropy(out.logits, target)
+        aux = out.extras.get("aux_loss") if out.extras else None
+        if aux is not None:
+            loss = loss + aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach())
+        correct += int(out.logits.detach().argmax(dim=-1).item() == int(target.item()))
+        if progress is not None:
+            progress("training (bags)", step, len(tasks))
+    return total_loss / len(bags), correct / len(bags)
+
+
+@torch.no_grad()
+def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
+                   progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Class probabilities (C,) and tile attention (n_tiles,) for each bag, in input order.
+
+    Runs in eval mode, without augmentation, on all tiles of each bag, one bag at a time.
+    Attention is NaN for heads that have none.
+    """
+    if model.prep is None:
+        raise HistomilError("pixel model has no tile preprocessing (build it with build_pixel_model)")
+    for b in bags:
+        if len(b.tile_paths) == 0:
+            raise HistomilError(f"bag {b.bag_id}: no tiles to predict on")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(bags)
+    tasks = [_Task(i, tuple(b.tile_paths), 0) for i, b in enumerate(bags)]
+    try:
+        for done, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, 0.0, num_workers, 0), 1):
+            out = model(tiles.unsqueeze(0).to(device))
+            probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
+            att = (out.attention[0].float().cpu().numpy() if out.attention is not None
+                   else np.full(tiles.shape[0], np.nan, dtype=np.float32))
+            results[i] = (probs, att)
+            if progress is not None:
+                progress("predicting", done, len(tasks))
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def _val_metrics(outputs: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, n_classes: int) -> tuple[float, float, float]:
+    probs = np.stack([p for p, _ in outputs])
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))))
+    acc = float(np.mean(probs.argmax(axis=1) == y))
+    return loss, acc, _auc(y, probs, n_classes)
+
+
+def _stage(progress: Progress | None, name: str) -> Progress | None:
+    return None if progress is None else (lambda _stage_name, done, total: progress(name, done, total))
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def _check_bags(train_bags: Sequence[Bag], val_bags: Sequence[Bag], config: PixelTrainConfig) -> int:
+    """Validate labels and bag sizes; returns the number of classes."""
+    if not train_bags:
+        raise HistomilError("no training bags")
+    if not val_bags:
+        raise HistomilError("no validation bags (early stopping and model selection need some)")
+    bag_size = int(config.model_kwargs.get("bag_size", 40)) if config.model == ORIGINAL_HEAD else None
+    for split, bags in (("training", train_bags), ("validation", val_bags)):
+        for b in bags:
+            if b.label is None or int(b.label) < 0:
+                raise HistomilError(f"{split} bag {b.bag_id!r} has no label")
+            if len(b.tile_paths) == 0:
+                raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles")
+            if bag_size is not None:
+                n = len(b.tile_paths)
+                if split == "training" and config.max_tiles is not None:
+                    n = min(n, config.max_tiles)
+                if n != bag_size:
+                    raise HistomilError(
+                        f"{split} bag {b.bag_id!r}: the original model needs bags of exactly {bag_size} tiles "
+                        f"(it concatenates them in order), this one has {n}; use a size-agnostic head such as gated_abmil"
+                    )
+    classes = {int(b.label) for b in train_bags}  # type: ignore[arg-type]
+    if len(classes) < 2:
+        raise HistomilError(f"training bags all have label {classes.pop()}; need at least two classes")
+    return max(2, max(int(b.label) for b in [*train_bags, *val_bags]) + 1)  # type: ignore[arg-type]
+
+
+def _native_size(bag: Bag) -> int:
+    """Side of the first tile of a bag (the original model's input size when none is given)."""
+    tile = read_rgb(bag.tile_paths[0])
+    h, w = tile.shape[:2]
+    if h != w:
+        raise HistomilError(f"{bag.tile_paths[0]}: tile is {w}x{h}, not square; set input_size to resize tiles")
+    return int(h)
