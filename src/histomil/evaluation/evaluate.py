@@ -58,9 +58,7 @@ def evaluate_sets(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (name, folder) in enumerate(test_sets.items()):
         folder = Path(folder)
-        bags = load_feature_dataset(folder, require_labels=True)
-        _check_encoder(meta, bags, folder)
-        preds = predict(model, bags)
+        bags, preds = _predict_folder(model, meta, folder)
         y = np.array([b.label for b in bags], dtype=int)
         prob = np.array([p[1] for p, _ in preds], dtype=float)
         metrics = binary_metrics(y, prob, threshold)
@@ -82,6 +80,23 @@ def evaluate_sets(
     return results
 
 
+def _predict_folder(model, meta: dict, folder: Path) -> tuple[list, list]:
+    """Labelled bags of ``folder`` and the model's (probs, attention) for each.
+
+    Models on cached features read a feature folder; end-to-end pixel models (checkpoint kind
+    ``"pixels"``) read a bag folder of tile images.
+    """
+    if meta.get("kind") == "pixels":
+        from histomil.data.bags import load_bag_folders
+        from histomil.training.pixels import predict_pixels
+
+        bags = load_bag_folders(folder, require_labels=True)
+        return bags, predict_pixels(model, bags)
+    bags = load_feature_dataset(folder, require_labels=True)
+    _check_encoder(meta, bags, folder)
+    return bags, predict(model, bags)
+
+
 def _check_encoder(meta: dict, bags: list[FeatureBag], folder: Path) -> None:
     want = (meta.get("encoder_info") or {}).get("name")
     have = bags[0].attrs.get("encoder")
@@ -92,7 +107,7 @@ def _check_encoder(meta: dict, bags: list[FeatureBag], folder: Path) -> None:
         raise HistomilError(f"{folder}: features have {bags[0].features.shape[1]} dims, the model expects {dim}")
 
 
-def _write_predictions(path: Path, bags: list[FeatureBag], prob: np.ndarray, threshold: float) -> None:
+def _write_predictions(path: Path, bags: list, prob: np.ndarray, threshold: float) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["bag_id", "y_true", "prob_positive", "y_pred"])
