@@ -1,4 +1,5 @@
-"""Shared test fixtures: the real data beside the checkout, and an offline environment."""
+"""Shared test fixtures: the real data beside the checkout, an offline environment, one CPU thread for
+tiny models and a fast stand-in tile encoder."""
 
 from __future__ import annotations
 
@@ -25,3 +26,29 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def ebhi_table(shared_data: Path) -> Path:
     return shared_data / "ebhi" / "tiles.csv"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (and thrash on a shared machine).
+
+    Modules of tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fast_encoder():
+    """Registers the fast stand-in tile encoder of tiny_runs.py (``FAST_ENCODER``) for one test module."""
+    from tiny_runs import FAST_ENCODER, colour_stats_encoder
+
+    from histomil.features.encoders import ENCODERS
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ENCODERS, FAST_ENCODER, colour_stats_encoder)
+        yield

@@ -7,12 +7,11 @@ from __future__ import annotations
 import inspect
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from toy_bags import D, toy_problem
 
-from histomil.features.store import FeatureBag
 from histomil.models.base import MILOutput
 from histomil.models.clam import smooth_svm_loss
 from histomil.models.registry import MODELS, build_model, model_names, model_options
@@ -20,7 +19,8 @@ from histomil.models.transmil import NystromAttention, iterative_pinv, segment_m
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import TrainConfig, predict, train
 
-D = 16
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Small versions of each model for fast tests; a model missing here is tested at its defaults.
 SMALL: dict[str, dict] = {
     "abmil": {"embed_dim": 32, "attn_dim": 16, "dropout": 0.1},
@@ -35,15 +35,6 @@ SMALL: dict[str, dict] = {
     "dsmil": {"q_dim": 16},
 }
 ALL = model_names()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(name: str, n_classes: int = 2, seed: int = 0, **kw) -> torch.nn.Module:
@@ -130,29 +121,9 @@ def test_three_classes(name):
     assert out.attention[~mask].abs().sum().item() == 0.0
 
 
-def make_bags(n: int, seed: int, shift: float = 3.0, prefix: str = "b") -> tuple[list[FeatureBag], list[int]]:
-    """The toy witness problem of test_trainer.py: bags of 4-15 N(0, 1) tiles, positive bags hold
-    one tile shifted by ``shift`` in 2 of the D dims. Returns bags and witness indices."""
-    rng = np.random.default_rng(seed)
-    bags, witness = [], []
-    for i in range(n):
-        size = int(rng.integers(4, 16))
-        feats = rng.normal(size=(size, D)).astype(np.float32)
-        label = i % 2
-        w = -1
-        if label:
-            w = int(rng.integers(size))
-            feats[w, :2] += shift
-        bags.append(FeatureBag(f"{prefix}{i}", feats, [f"t{j}" for j in range(size)], label=label))
-        witness.append(w)
-    return bags, witness
-
-
 @pytest.fixture(scope="module")
 def toy():
-    train_bags, _ = make_bags(80, seed=1)
-    val_bags, val_witness = make_bags(40, seed=2, prefix="v")
-    return train_bags, val_bags, val_witness
+    return toy_problem()
 
 
 def _cfg(name: str, **kw) -> TrainConfig:

@@ -12,14 +12,7 @@ from histomil.models.registry import MODELS, build_model, model_options
 
 D = 12
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str = "gated_abmil", **kw) -> torch.nn.Module:

@@ -32,13 +32,7 @@ from histomil.training.pixels import (
 
 TILE = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- synthetic tile bags -----------------------------------------------------------------
@@ -437,3 +431,24 @@ def test_command_trains_on_real_tiles(ebhi_bags: Path, tmp_path) -> None:
     assert meta["train_config"]["precision"] == "bf16" and model.precision == "bf16" and model.channels_last
     bad = CliRunner().invoke(app, [*args[:5], "--finetune", "sometimes"])
     assert bad.exit_code == 2 and "error:" in bad.output and "finetune" in bad.output
+
+
+def test_clam_head_gets_labels_and_its_loss_weighting_end_to_end():
+    """A CLAM head trained from pixels sees the bag label (instance loss) and the 0.7/0.3 weighting."""
+    from histomil.models.registry import build_model
+    from histomil.training.pixels import PixelMIL
+    from histomil.training.trainer import bag_loss
+
+    torch.manual_seed(0)
+    head = build_model("clam_sb", 8, 2)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 8))
+    model = PixelMIL(encoder, head)
+    model.train()
+    x = torch.rand(1, 6, 3, 4, 4)
+    y = torch.tensor([1])
+    out = model(x, y=y)
+    assert "aux_loss" in out.extras and float(out.extras["loss_weight_bag"]) == pytest.approx(0.7)
+    ce = torch.nn.functional.cross_entropy(out.logits, y)
+    with torch.no_grad():
+        assert float(bag_loss(out, y)) == pytest.approx(float(0.7 * ce + out.extras["aux_loss"]), rel=1e-6)
+    assert "aux_loss" not in model(x).extras  # no labels, no instance loss

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import typer
 import yaml
-from torch import nn
+from tiny_runs import write_tiny_crossval_config
 from typer.testing import CliRunner
 
 from histomil.commands.crossval import crossval_cmd
@@ -30,9 +28,10 @@ from histomil.evaluation.protocol import (
     run_crossval,
 )
 from histomil.evaluation.threshold import choose_threshold
-from histomil.features.encoders import ENCODERS, EncoderInfo, TileEncoder
 from histomil.resources import example_tile_table
 from histomil.training.checkpoint import read_checkpoint_dict
+
+pytestmark = pytest.mark.usefixtures("fast_encoder")  # the stand-in encoder of tiny_runs.py
 
 # ------------------------------------------------------------------------------ folds
 
@@ -140,49 +139,10 @@ def _write(path: Path, data: dict) -> Path:
 # ------------------------------------------------------------------------------ end to end
 
 
-class _ColourStats(nn.Module):
-    """A fast stand-in encoder for these tests: mean and variance of each colour on a 4x4 grid."""
-
-    num_features = 96
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        mean = F.adaptive_avg_pool2d(x, 4).flatten(1)
-        return torch.cat([mean, F.adaptive_avg_pool2d(x * x, 4).flatten(1) - mean**2], dim=1)
-
-
-def _colour_stats_encoder(pretrained: bool = True, precision: str = "fp32", channels_last: bool = False) -> TileEncoder:
-    info = EncoderInfo(name="test_colour_stats", input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dim=96)
-    return TileEncoder(_ColourStats(), info, precision=precision, channels_last=channels_last).eval()
-
-
-TINY = {
-    "columns": {"path": "path", "label": "tumor", "patient": "case_id", "split": "split"},  # split 'test' = held out
-    "folds": 2,
-    "val_fraction": 0.3,
-    "seeds": [0],
-    "study": {
-        "bag_size": 10, "train_bags": 12, "val_bags": 8, "test_bags": 8,
-        "train_witnesses": [1, 5], "val_witnesses": [1, 5], "test_witnesses": [5, 1],
-    },
-    # the real encoder is exercised by test_pipeline; here a fast one keeps the whole run to seconds
-    "features": {"encoder": "test_colour_stats", "precision": "fp32", "batch_size": 64, "workers": 0},
-    "train": {"epochs": 2, "min_epochs": 1, "batch_size": 4, "lr": 0.001},
-    "threshold": {"rule": "youden"},
-    "bootstrap_resamples": 200,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_encoder():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(ENCODERS, "test_colour_stats", _colour_stats_encoder)
-        yield
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, _fast_encoder):
+def tiny(tmp_path_factory, fast_encoder):
     root = tmp_path_factory.mktemp("cv")
-    cfg_path = _write(root / "cv.yaml", {"tiles": str(example_tile_table()), **TINY})
+    cfg_path = write_tiny_crossval_config(root / "cv.yaml")
     cfg = load_crossval_config(cfg_path)
     out = root / "out"
     lines: list[str] = []

@@ -24,24 +24,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 import typer
-import yaml
-from torch import nn
+from tiny_runs import FAST_ENCODER, write_tiny_crossval_config
 from typer.testing import CliRunner
 
 from histomil.commands.report import report_cmd
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci
 from histomil.evaluation.protocol import load_crossval_config, run_crossval
-from histomil.features.encoders import ENCODERS, EncoderInfo, TileEncoder
 from histomil.features.store import read_feature_bag
 from histomil.pipeline import load_config, run_study
 from histomil.reports.html import BagRef, build_report, choose_bags
-from histomil.resources import demo_config_path, example_tile_table
+from histomil.resources import demo_config_path
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import predict
+
+pytestmark = pytest.mark.usefixtures("fast_encoder")  # the stand-in encoder of tiny_runs.py
 
 # ------------------------------------------------------------------------------ headless Chromium
 
@@ -183,34 +181,12 @@ def render_in_chromium(page: Path, screenshot: Path, width: int = 1280, height: 
 # ------------------------------------------------------------------------------ tiny runs
 
 
-class _ColourStats(nn.Module):
-    """A fast stand-in encoder: mean and variance of each colour on a 4x4 grid (the real one is tested elsewhere)."""
-
-    num_features = 96
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        mean = F.adaptive_avg_pool2d(x, 4).flatten(1)
-        return torch.cat([mean, F.adaptive_avg_pool2d(x * x, 4).flatten(1) - mean**2], dim=1)
-
-
-def _colour_stats_encoder(pretrained: bool = True, precision: str = "fp32", channels_last: bool = False) -> TileEncoder:
-    info = EncoderInfo(name="test_colour_stats", input_size=224, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dim=96)
-    return TileEncoder(_ColourStats(), info, precision=precision, channels_last=channels_last).eval()
-
-
-FAST_FEATURES = {"features.encoder": "test_colour_stats", "features.precision": "fp32",
+FAST_FEATURES = {"features.encoder": FAST_ENCODER, "features.precision": "fp32",
                  "features.channels_last": False, "features.workers": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_encoder():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(ENCODERS, "test_colour_stats", _colour_stats_encoder)
-        yield
-
-
 @pytest.fixture(scope="module")
-def study_run(tmp_path_factory) -> Path:
+def study_run(tmp_path_factory, fast_encoder) -> Path:
     """A finished 'histomil demo'-style run: bags of 12 tiles, two test sets of 16 bags."""
     cfg = load_config(demo_config_path(), {
         "study.bag_size": 12, "study.train_bags": 30, "study.val_bags": 12, "study.test_bags": 16,
@@ -228,21 +204,10 @@ def study_report(study_run: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def crossval_run(tmp_path_factory) -> Path:
+def crossval_run(tmp_path_factory, fast_encoder) -> Path:
     """A finished 2-fold cross-validation with a held-out set; per-fold feature files removed as usual."""
     root = tmp_path_factory.mktemp("cv")
-    cfg_path = root / "cv.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "tiles": str(example_tile_table()),
-        "columns": {"path": "path", "label": "tumor", "patient": "case_id", "split": "split"},
-        "folds": 2, "val_fraction": 0.3, "seeds": [0],
-        "study": {"bag_size": 10, "train_bags": 12, "val_bags": 8, "test_bags": 8,
-                  "train_witnesses": [1, 5], "val_witnesses": [1, 5], "test_witnesses": [5, 1]},
-        "features": {"encoder": "test_colour_stats", "precision": "fp32", "batch_size": 64, "workers": 0},
-        "train": {"epochs": 2, "min_epochs": 1, "batch_size": 4, "lr": 0.001},
-        "threshold": {"rule": "youden"},
-        "bootstrap_resamples": 200,
-    }))
+    cfg_path = write_tiny_crossval_config(root / "cv.yaml")
     out = root / "out"
     run_crossval(load_crossval_config(cfg_path), out, log=lambda _m: None)
     return out

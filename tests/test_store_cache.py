@@ -8,7 +8,14 @@ import pytest
 
 from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
-from histomil.features.store import FeatureBag, load_feature_dataset, pad_batch, read_feature_bag, write_feature_bag
+from histomil.features.store import (
+    FeatureBag,
+    atomic_write,
+    load_feature_dataset,
+    pad_batch,
+    read_feature_bag,
+    write_feature_bag,
+)
 
 INFO = {"name": "toy", "input_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "dim": 4, "precision": "fp32"}
 
@@ -69,3 +76,18 @@ def test_cache_separates_encoder_configurations(tmp_path):
     meta.write_text('{"name": "something else"}')
     with pytest.raises(HistomilError, match="different encoder"):
         FeatureCache(tmp_path, INFO)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_atomic_write_replaces_on_success_and_keeps_the_old_file_on_failure(tmp_path, error):
+    final = tmp_path / "out.txt"
+    with atomic_write(final) as tmp:
+        assert tmp.parent == tmp_path and tmp != final and not final.exists()
+        tmp.write_text("first")
+    assert final.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+    with pytest.raises(error):
+        with atomic_write(final) as tmp:
+            tmp.write_text("half")
+            raise error()
+    assert final.read_text() == "first"  # untouched, and the temporary file is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

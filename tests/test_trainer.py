@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from toy_bags import D, toy_problem
 
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
@@ -15,42 +16,14 @@ from histomil.models.registry import build_model
 from histomil.training.checkpoint import load_checkpoint, save_checkpoint
 from histomil.training.trainer import HISTORY_COLUMNS, TrainConfig, predict, train
 
-D = 16
 SMALL = {"embed_dim": 32, "attn_dim": 16, "dropout": 0.1}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add overhead (and thrash on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_bags(n: int, seed: int, shift: float = 3.0, prefix: str = "b") -> tuple[list[FeatureBag], list[int]]:
-    """Bags of N(0, 1) tiles; positive bags hold one witness tile shifted by ``shift`` in 2 of the
-    D dims (weak enough that an untrained model scores AUC ~0.5). Returns bags and witness indices."""
-    rng = np.random.default_rng(seed)
-    bags, witness = [], []
-    for i in range(n):
-        size = int(rng.integers(4, 16))
-        feats = rng.normal(size=(size, D)).astype(np.float32)
-        label = i % 2
-        w = -1
-        if label:
-            w = int(rng.integers(size))
-            feats[w, :2] += shift
-        bags.append(FeatureBag(f"{prefix}{i}", feats, [f"t{j}" for j in range(size)], label=label, attrs={}))
-        witness.append(w)
-    return bags, witness
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def toy():
-    train_bags, _ = make_bags(80, seed=1)
-    val_bags, val_witness = make_bags(40, seed=2, prefix="v")
-    return train_bags, val_bags, val_witness
+    return toy_problem()
 
 
 def cfg(**kw) -> TrainConfig:

@@ -7,20 +7,8 @@ from typing import Optional
 
 import typer
 
-from histomil.errors import HistomilError
+from histomil.config import read_mapping
 from histomil.ui import log, progress_bars, user_errors
-
-
-def _read_mapping(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise HistomilError(f"{path}: cannot read config ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise HistomilError(f"{path}: config must be a mapping of keys to values")
-    return data
 
 
 @user_errors
@@ -57,7 +45,7 @@ def train_pixels_cmd(
     from histomil.data.bags import check_bags, load_bags
     from histomil.training.pixels import PixelTrainConfig, train_pixels
 
-    raw: dict = _read_mapping(config) if config is not None else {}
+    raw: dict = read_mapping(config) if config is not None else {}
     options = dict(backbone=backbone, model=model, finetune=finetune, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
                    weight_decay=weight_decay, augment_p=augment_p, precision=precision, channels_last=channels_last,
                    input_size=input_size, max_tiles=max_tiles, monitor=monitor, patience=patience,

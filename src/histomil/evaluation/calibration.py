@@ -10,18 +10,15 @@ which for two classes bins the same bags by ``max(p, 1 - p)`` instead).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import check_binary_inputs
-from histomil.reports.tables import write_bytes
+from histomil.reports.plots import new_figure, save_figure
 
 
 def _bins(prob: np.ndarray, n_bins: int) -> np.ndarray:
@@ -66,8 +63,7 @@ def plot_reliability(
     """
     if not curves:
         raise HistomilError(f"plot_reliability ({out_png}): no prediction sets given")
-    fig = Figure(figsize=(6.4, 6.4), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(6.4, 6.4)
     ax, ax_n = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1, label="perfect calibration")
     width = 1.0 / n_bins
@@ -90,9 +86,4 @@ def plot_reliability(
     ax_n.set_xlabel("predicted probability of the positive class")
     ax_n.set_ylabel("bags")
     ax_n.grid(alpha=0.3)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100)
-    finally:
-        fig.clear()
-    return write_bytes(out_png, buf.getvalue())
+    return save_figure(fig, out_png)

@@ -10,7 +10,6 @@ shard it finished and resumes from there.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -18,7 +17,7 @@ import h5py
 import numpy as np
 
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_path
+from histomil.features.store import atomic_write
 
 
 class FeatureCache:
@@ -50,9 +49,8 @@ class FeatureCache:
             if stored != json.loads(json.dumps(self.encoder_info)):
                 raise HistomilError(f"{meta}: cache was made with a different encoder configuration")
         else:
-            tmp = atomic_path(meta)
-            tmp.write_text(json.dumps(self.encoder_info, indent=2, sort_keys=True))
-            os.replace(tmp, meta)
+            with atomic_write(meta) as tmp:
+                tmp.write_text(json.dumps(self.encoder_info, indent=2, sort_keys=True))
 
     def __len__(self) -> int:
         return len(self._index)
@@ -77,15 +75,9 @@ class FeatureCache:
         features = np.asarray(features, dtype=np.float32)
         number = self._n_shards
         path = self.root / f"shard-{number:05d}.h5"
-        tmp = atomic_path(path)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
-                f.create_dataset("features", data=features)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("keys", data=np.array(keys, dtype=object), dtype=h5py.string_dtype())
+            f.create_dataset("features", data=features)
         self._n_shards += 1
         self._shards[number] = features
         for row, key in enumerate(keys):

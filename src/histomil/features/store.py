@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,30 +54,37 @@ def atomic_path(final: Path) -> Path:
     return Path(tmp)
 
 
+@contextmanager
+def atomic_write(final: Path) -> Iterator[Path]:
+    """Write-then-rename: yields a temporary path beside ``final``, renamed over ``final`` when the
+    block succeeds and removed when it raises (interrupts included), so readers never see half a file."""
+    tmp = atomic_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_feature_bag(path: str | Path, bag: FeatureBag) -> None:
     """Write ``bag`` to ``path`` atomically: readers never see a half-written file."""
     path = Path(path)
     feats = np.asarray(bag.features, dtype=np.float32)
     if feats.ndim != 2 or feats.shape[0] != len(bag.tile_paths):
         raise ValueError(f"features {feats.shape} do not match {len(bag.tile_paths)} tile paths")
-    tmp = atomic_path(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("features", data=feats)
-            ds.attrs["encoder"] = str(bag.attrs.get("encoder", "unknown"))
-            f.create_dataset("tile_paths", data=np.array(bag.tile_paths, dtype=object), dtype=h5py.string_dtype())
-            if bag.coords is not None:
-                f.create_dataset("coords", data=np.asarray(bag.coords, dtype=np.int64))
-            f.attrs["bag_id"] = bag.bag_id
-            f.attrs["label"] = -1 if bag.label is None else int(bag.label)
-            f.attrs["feature_dim"] = int(feats.shape[1])
-            f.attrs["histomil_version"] = __version__
-            for key, value in bag.attrs.items():
-                f.attrs[key] = value
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("features", data=feats)
+        ds.attrs["encoder"] = str(bag.attrs.get("encoder", "unknown"))
+        f.create_dataset("tile_paths", data=np.array(bag.tile_paths, dtype=object), dtype=h5py.string_dtype())
+        if bag.coords is not None:
+            f.create_dataset("coords", data=np.asarray(bag.coords, dtype=np.int64))
+        f.attrs["bag_id"] = bag.bag_id
+        f.attrs["label"] = -1 if bag.label is None else int(bag.label)
+        f.attrs["feature_dim"] = int(feats.shape[1])
+        f.attrs["histomil_version"] = __version__
+        for key, value in bag.attrs.items():
+            f.attrs[key] = value
 
 
 def read_feature_bag(path: str | Path) -> FeatureBag:

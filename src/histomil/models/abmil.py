@@ -11,6 +11,7 @@ from torch import nn
 
 from histomil.models.base import MILOutput
 from histomil.models.layers import AttentionPool, EmbeddingMLP
+from histomil.models.pooling import check_dropout
 
 
 class ABMIL(nn.Module):
@@ -31,8 +32,7 @@ class ABMIL(nn.Module):
         super().__init__()
         if in_dim < 1 or n_classes < 2 or attn_dim < 1 or (embed_dim is not None and embed_dim < 1):
             raise ValueError("in_dim, embed_dim and attn_dim must be >= 1 and n_classes >= 2")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.in_dim = in_dim
         self.n_classes = n_classes
         self.embed = EmbeddingMLP(in_dim, embed_dim, dropout) if embed_dim is not None else nn.Identity()

@@ -35,7 +35,7 @@ from torch import nn
 
 from histomil.models.base import MILOutput
 from histomil.models.layers import masked_softmax
-from histomil.models.pooling import check_bags, heatmap_class
+from histomil.models.pooling import check_bags, check_dropout, heatmap_class
 
 
 def smooth_svm_loss(scores: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, tau: float = 1.0) -> torch.Tensor:
@@ -86,8 +86,7 @@ class CLAM(nn.Module):
         super().__init__()
         if in_dim < 1 or n_classes < 2 or embed_dim < 1 or attn_dim < 1 or k_sample < 1:
             raise ValueError("in_dim, embed_dim, attn_dim and k_sample must be >= 1 and n_classes >= 2")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         if not 0.0 <= bag_weight <= 1.0:
             raise ValueError(f"bag_weight must be in [0, 1], got {bag_weight}")
         if instance_loss not in ("svm", "ce"):

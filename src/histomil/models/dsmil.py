@@ -23,7 +23,7 @@ from torch import nn
 
 from histomil.models.base import MILOutput
 from histomil.models.layers import masked_softmax
-from histomil.models.pooling import check_bags, heatmap_class, masked_max
+from histomil.models.pooling import check_bags, check_dropout, heatmap_class, masked_max
 
 
 class DSMIL(nn.Module):
@@ -37,8 +37,7 @@ class DSMIL(nn.Module):
         super().__init__()
         if in_dim < 1 or n_classes < 2 or q_dim < 1 or (v_dim is not None and v_dim < 1):
             raise ValueError("in_dim, q_dim and v_dim must be >= 1 and n_classes >= 2")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         v_dim = in_dim if v_dim is None else v_dim
         self.in_dim, self.n_classes, self.q_dim = in_dim, n_classes, q_dim
         self.instance_classifier = nn.Linear(in_dim, n_classes)

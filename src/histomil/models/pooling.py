@@ -58,21 +58,23 @@ def masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(~fill, float("-inf")).amax(dim=1)
 
 
+def check_dropout(dropout: float) -> None:
+    """A dropout probability must lie in [0, 1); shared by every model's constructor checks."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
 def _check_common(in_dim: int, n_classes: int, dropout: float, dims: Sequence[int] = ()) -> None:
     if in_dim < 1 or n_classes < 2 or any(d < 1 for d in dims):
         raise ValueError("in_dim and hidden sizes must be >= 1 and n_classes >= 2")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    check_dropout(dropout)
 
 
 # --- embedding-level pooling -------------------------------------------------------------
 
 
-class MeanPoolMIL(nn.Module):
-    """Embedding MLP -> mean over real tiles -> linear head.
-
-    ``attention`` is the uniform 1/n over real tiles: exactly each tile's weight in the mean.
-    """
+class _EmbeddingPool(nn.Module):
+    """Embedding MLP -> (pooling over real tiles, in ``forward``) -> linear head."""
 
     permutation_invariant = True
 
@@ -82,6 +84,13 @@ class MeanPoolMIL(nn.Module):
         self.in_dim, self.n_classes = in_dim, n_classes
         self.embed = EmbeddingMLP(in_dim, embed_dim, dropout)
         self.classifier = nn.Linear(embed_dim, n_classes)
+
+
+class MeanPoolMIL(_EmbeddingPool):
+    """Embedding MLP -> mean over real tiles -> linear head.
+
+    ``attention`` is the uniform 1/n over real tiles: exactly each tile's weight in the mean.
+    """
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_bags(x, mask)
@@ -91,22 +100,13 @@ class MeanPoolMIL(nn.Module):
         return MILOutput(logits=self.classifier(z), attention=weights, extras={"bag_embedding": z})
 
 
-class MaxPoolMIL(nn.Module):
+class MaxPoolMIL(_EmbeddingPool):
     """Embedding MLP -> per-dimension max over real tiles -> linear head.
 
     ``attention``: each tile's share of the embedding dimensions it supplies to the max-pooled bag
     embedding (ties split equally), so it sums to 1 over real tiles and is 0 for tiles that
     supply nothing. It measures which tiles the bag embedding is made of, not their sign of effect.
     """
-
-    permutation_invariant = True
-
-    def __init__(self, in_dim: int, n_classes: int = 2, embed_dim: int = 512, dropout: float = 0.25) -> None:
-        super().__init__()
-        _check_common(in_dim, n_classes, dropout, (embed_dim,))
-        self.in_dim, self.n_classes = in_dim, n_classes
-        self.embed = EmbeddingMLP(in_dim, embed_dim, dropout)
-        self.classifier = nn.Linear(embed_dim, n_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         mask = check_bags(x, mask)

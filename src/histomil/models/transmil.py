@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from histomil.models.base import MILOutput
-from histomil.models.pooling import check_bags
+from histomil.models.pooling import check_bags, check_dropout
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -163,8 +163,7 @@ class TransMIL(nn.Module):
         super().__init__()
         if in_dim < 1 or n_classes < 2 or dim < 1 or heads < 1 or pinv_iterations < 1:
             raise ValueError("in_dim, dim, heads and pinv_iterations must be >= 1 and n_classes >= 2")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         if residual_conv_kernel < 0 or (residual_conv_kernel and residual_conv_kernel % 2 == 0):
             raise ValueError(f"residual_conv_kernel must be odd (or 0 for none), got {residual_conv_kernel}")
         landmarks = dim // 2 if num_landmarks is None else num_landmarks

@@ -41,6 +41,8 @@ from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci
 from histomil.evaluation.calibration import expected_calibration_error, plot_reliability
 from histomil.reports.plots import (
+    figure_png,
+    new_figure,
     plot_confusion_matrix,
     plot_roc_pr,
     plot_training_curves,
@@ -238,29 +240,11 @@ def _thumbnail(path: Path, size: int = THUMB_PX) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure as MplFigure
-
-    fig = MplFigure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=100)
-    finally:
-        fig.clear()
-    return buf.getvalue()
-
-
 def plot_runs_training(histories: Mapping[str, dict[str, np.ndarray]], best: Mapping[str, int | None]) -> bytes:
     """Training curves of several runs on one figure: losses (left) and validation AUC (right)."""
     from matplotlib.ticker import MaxNLocator
 
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_auc = fig.subplots(1, 2)
     for i, (name, h) in enumerate(histories.items()):
         color = f"C{i % 10}"
@@ -284,7 +268,7 @@ def plot_runs_training(histories: Mapping[str, dict[str, np.ndarray]], best: Map
     ax_auc.set_ylim(-0.02, 1.02)
     if len(histories) <= 12:
         ax_auc.legend(fontsize=7, loc="lower right")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_runs_roc(per_set: Mapping[str, Sequence[tuple[str, np.ndarray, np.ndarray]]]) -> bytes:
@@ -294,7 +278,7 @@ def plot_runs_roc(per_set: Mapping[str, Sequence[tuple[str, np.ndarray, np.ndarr
     names = list(per_set)
     cols = min(4, len(names))
     rows = math.ceil(len(names) / cols)
-    fig = _new_figure(3.2 * cols, 3.2 * rows)
+    fig = new_figure(3.2 * cols, 3.2 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, name in zip(axes, names):
         aucs = []
@@ -313,7 +297,7 @@ def plot_runs_roc(per_set: Mapping[str, Sequence[tuple[str, np.ndarray, np.ndarr
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _file_figure(key: str, title: str, draw: Callable[[Path], Any], fig_dir: Path, caption: str = "",

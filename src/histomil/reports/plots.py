@@ -32,20 +32,26 @@ from histomil.reports.tables import write_bytes
 DPI = 100
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """An empty figure (inches) on its own Agg canvas, outside pyplot; shared by every histomil plot."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out_png: str | Path) -> Path:
-    """Render ``fig`` to ``out_png`` atomically, then drop the figure's contents."""
+def figure_png(fig: Figure) -> bytes:
+    """Render ``fig`` as PNG bytes, then drop the figure's contents."""
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=DPI)
     finally:
         fig.clear()
-    return write_bytes(out_png, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, out_png: str | Path) -> Path:
+    """Render ``fig`` to ``out_png`` atomically, then drop the figure's contents."""
+    return write_bytes(out_png, figure_png(fig))
 
 
 # ----------------------------------------------------------------------------- training curves
@@ -97,7 +103,7 @@ def plot_training_curves(history_csv: str | Path, out_png: str | Path, best_epoc
     if best_epoch is None and "best" in h and np.any(h["best"] == 1):
         best_epoch = int(epoch[np.flatnonzero(h["best"] == 1)[-1]])
 
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     panels = (
         (ax_loss, "loss", (("train_loss", "train loss", "C0"), ("val_loss", "val loss", "C1"))),
@@ -121,7 +127,7 @@ def plot_training_curves(history_csv: str | Path, out_png: str | Path, best_epoc
     ax_loss.set_title("loss")
     ax_acc.set_title("accuracy and AUC")
     fig.suptitle(f"training curves ({path.parent.name or path.name})", fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- confusion matrix
@@ -157,7 +163,7 @@ def plot_confusion_matrix(
             f"plot_confusion_matrix ({out_png}): expected a {k}x{k} matrix of non-negative counts, got {m.tolist()}"
         )
     frac, texts = confusion_cells(m.astype(np.int64))
-    fig = _new_figure(1.6 * k + 2.2, 1.4 * k + 1.6)
+    fig = new_figure(1.6 * k + 2.2, 1.4 * k + 1.6)
     ax = fig.subplots()
     ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
@@ -169,7 +175,7 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- ROC and PR
@@ -185,7 +191,7 @@ def plot_roc_pr(
     """
     if not curves:
         raise ValueError("plot_roc_pr: no test sets given")
-    fig = _new_figure(11, 4.6)
+    fig = new_figure(11, 4.6)
     ax_roc, ax_pr = fig.subplots(1, 2)
     ax_roc.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
     for i, (name, (y_true, prob)) in enumerate(curves.items()):
@@ -214,4 +220,4 @@ def plot_roc_pr(
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)

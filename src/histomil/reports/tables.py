@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import numpy as np
 
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import sanitize
-from histomil.features.store import atomic_path
+from histomil.features.store import atomic_write
 
 DEFAULT_COLUMNS = ("n", "accuracy", "roc_auc", "pr_auc", "precision", "recall", "f1")
 
@@ -59,17 +58,10 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; a failure names the file in one line."""
     path = Path(path)
     try:
-        tmp = atomic_path(path)
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:
         raise HistomilError(f"{path}: cannot write: {e.strerror or e}") from None
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise HistomilError(f"{path}: cannot write: {e.strerror or e}") from None
-        raise
     return path
 
 

@@ -39,7 +39,7 @@ import torch
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_path
+from histomil.features.store import atomic_write
 from histomil.slides.reader import Slide, open_slide
 from histomil.slides.tiling import TilePlan, TilingSpec, plan_tiles, read_tile
 
@@ -295,46 +295,40 @@ def write_slide_features(
             f"{slide.path}: no tissue tiles to encode (lower --min-tissue, or check the tissue mask preview)"
         )
     info = encoder.info
-    tmp = atomic_path(out_path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset(
-                "features", shape=(n, info.dim), dtype=np.float32, chunks=(min(n, 256), info.dim)
-            )
-            ds.attrs["encoder"] = info.name
-            ds.attrs["name"] = slide.name
-            ds.attrs["savetodir"] = str(out_path.parent)
-            done = 0
-            for start, tiles in iter_tile_batches(slide.path, plan, batch_size, num_workers, slide_mpp=slide.mpp):
-                feats = encoder.encode(tiles, batch_size=batch_size)
-                if feats.shape != (len(tiles), info.dim):
-                    raise HistomilError(f"encoder {info.name}: returned shape {feats.shape} for {len(tiles)} tiles")
-                ds[start : start + len(tiles)] = feats
-                done += len(tiles)
-                if progress:
-                    progress("encoding tiles", done, n)
-            if done != n:  # pragma: no cover - the loader yields every batch or raises
-                raise HistomilError(f"{slide.path}: only {done} of {n} tiles were encoded")
-            cds = f.create_dataset("coords", data=plan.coords.reshape(-1, 2).astype(np.int64))
-            for key, value in _coords_attrs(plan, slide, spec).items():
-                cds.attrs[key] = value
-            names = np.array([f"{int(x)}_{int(y)}" for x, y in plan.coords], dtype=object)
-            f.create_dataset("tile_paths", data=names, dtype=h5py.string_dtype())
-            f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
-            f.attrs["bag_id"] = slide.name
-            f.attrs["label"] = -1
-            for key, value in _encoder_attrs(encoder).items():
-                f.attrs[key] = value
-            f.attrs["feature_dim"] = int(info.dim)
-            f.attrs["tiling"] = tiling
-            f.attrs["slide_name"] = slide.name
-            f.attrs["slide_path"] = str(slide.path)
-            f.attrs["n_candidates"] = int(plan.n_candidates)
-            f.attrs["histomil_version"] = __version__
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(out_path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset(
+            "features", shape=(n, info.dim), dtype=np.float32, chunks=(min(n, 256), info.dim)
+        )
+        ds.attrs["encoder"] = info.name
+        ds.attrs["name"] = slide.name
+        ds.attrs["savetodir"] = str(out_path.parent)
+        done = 0
+        for start, tiles in iter_tile_batches(slide.path, plan, batch_size, num_workers, slide_mpp=slide.mpp):
+            feats = encoder.encode(tiles, batch_size=batch_size)
+            if feats.shape != (len(tiles), info.dim):
+                raise HistomilError(f"encoder {info.name}: returned shape {feats.shape} for {len(tiles)} tiles")
+            ds[start : start + len(tiles)] = feats
+            done += len(tiles)
+            if progress:
+                progress("encoding tiles", done, n)
+        if done != n:  # pragma: no cover - the loader yields every batch or raises
+            raise HistomilError(f"{slide.path}: only {done} of {n} tiles were encoded")
+        cds = f.create_dataset("coords", data=plan.coords.reshape(-1, 2).astype(np.int64))
+        for key, value in _coords_attrs(plan, slide, spec).items():
+            cds.attrs[key] = value
+        names = np.array([f"{int(x)}_{int(y)}" for x, y in plan.coords], dtype=object)
+        f.create_dataset("tile_paths", data=names, dtype=h5py.string_dtype())
+        f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
+        f.attrs["bag_id"] = slide.name
+        f.attrs["label"] = -1
+        for key, value in _encoder_attrs(encoder).items():
+            f.attrs[key] = value
+        f.attrs["feature_dim"] = int(info.dim)
+        f.attrs["tiling"] = tiling
+        f.attrs["slide_name"] = slide.name
+        f.attrs["slide_path"] = str(slide.path)
+        f.attrs["n_candidates"] = int(plan.n_candidates)
+        f.attrs["histomil_version"] = __version__
     return out_path
 
 

@@ -25,20 +25,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 from PIL import Image
 
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag, read_feature_bag
+from histomil.reports.plots import new_figure, save_figure
 from histomil.reports.tables import write_bytes
 from histomil.slides.tiling import TilingSpec
 
 Scale = Literal["rank", "linear"]
 SCALES = ("rank", "linear")
-DPI = 100
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
@@ -183,8 +181,7 @@ def render_heatmap(
     h, w = overlay.shape[:2]
     width = 8.0
     height = float(np.clip(width * h / w * 0.85 + 0.6, 3.0, 14.0))
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(width, height)
     ax = fig.add_subplot()
     ax.imshow(overlay, interpolation="antialiased")
     if mask is not None and np.asarray(mask).any():
@@ -203,12 +200,7 @@ def render_heatmap(
         fig.colorbar(sm, ax=ax, shrink=0.8, label=f"{label} (linear)")
     if title:
         ax.set_title(title, fontsize=10)
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=DPI)
-    finally:
-        fig.clear()
-    return write_bytes(out_png, buf.getvalue())
+    return save_figure(fig, out_png)
 
 
 # ------------------------------------------------------------------------------------ GeoJSON

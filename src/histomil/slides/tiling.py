@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_path
+from histomil.features.store import atomic_write
 from histomil.slides.reader import DOWNSAMPLE_TOLERANCE, Slide, open_slide
 from histomil.slides.tissue import TissueMethod, box_fractions, tissue_mask
 
@@ -208,13 +208,8 @@ def iter_tiles(slide: Slide, plan: TilePlan) -> Iterator[tuple[tuple[int, int], 
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def tiles_preview(plan: TilePlan) -> np.ndarray:
@@ -262,39 +257,33 @@ def _write_tile_folder(
 
 def write_plan(path: Path, plan: TilePlan, slide: Slide) -> None:
     """Write the tile coordinates and their description to ``path`` (HDF5) atomically."""
-    tmp = atomic_path(path)
     nan = float("nan")
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("coords", data=plan.coords.reshape(-1, 2).astype(np.int64))
-            # CLAM-compatible: read_region(coord, patch_level, (patch_size, patch_size)) gives the tile
-            # before resizing to tile_size; patch_size is therefore in pixels of patch_level.
-            ds.attrs["patch_size"] = int(plan.read_size)
-            ds.attrs["patch_level"] = int(plan.level)
-            ds.attrs["patch_size_level0"] = int(plan.patch_size_level0)
-            ds.attrs["stride_level0"] = int(plan.stride_level0)
-            ds.attrs["downsample"] = float(plan.downsample)
-            ds.attrs["level_downsample"] = float(slide.level_downsamples[plan.level])
-            ds.attrs["tile_size"] = int(plan.tile_size)
-            ds.attrs["read_size"] = int(plan.read_size)
-            ds.attrs["level"] = int(plan.level)
-            ds.attrs["target_mpp"] = nan if plan.target_mpp is None else float(plan.target_mpp)
-            ds.attrs["slide_mpp"] = nan if plan.slide_mpp is None else float(plan.slide_mpp)
-            ds.attrs["level_dim"] = np.asarray(slide.level_dimensions[plan.level], dtype=np.int64)  # of patch_level
-            ds.attrs["level0_dim"] = np.asarray(plan.level0_dims, dtype=np.int64)
-            ds.attrs["level_dims"] = np.asarray(slide.level_dimensions, dtype=np.int64)
-            ds.attrs["name"] = slide.name
-            ds.attrs["slide_path"] = str(slide.path)
-            f.create_dataset("tissue_fraction", data=plan.tissue_fraction.astype(np.float32))
-            f.attrs["slide_name"] = slide.name
-            f.attrs["slide_path"] = str(slide.path)
-            f.attrs["n_candidates"] = int(plan.n_candidates)
-            f.attrs["objective_power"] = nan if slide.objective_power is None else float(slide.objective_power)
-            f.attrs["histomil_version"] = __version__
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=plan.coords.reshape(-1, 2).astype(np.int64))
+        # CLAM-compatible: read_region(coord, patch_level, (patch_size, patch_size)) gives the tile
+        # before resizing to tile_size; patch_size is therefore in pixels of patch_level.
+        ds.attrs["patch_size"] = int(plan.read_size)
+        ds.attrs["patch_level"] = int(plan.level)
+        ds.attrs["patch_size_level0"] = int(plan.patch_size_level0)
+        ds.attrs["stride_level0"] = int(plan.stride_level0)
+        ds.attrs["downsample"] = float(plan.downsample)
+        ds.attrs["level_downsample"] = float(slide.level_downsamples[plan.level])
+        ds.attrs["tile_size"] = int(plan.tile_size)
+        ds.attrs["read_size"] = int(plan.read_size)
+        ds.attrs["level"] = int(plan.level)
+        ds.attrs["target_mpp"] = nan if plan.target_mpp is None else float(plan.target_mpp)
+        ds.attrs["slide_mpp"] = nan if plan.slide_mpp is None else float(plan.slide_mpp)
+        ds.attrs["level_dim"] = np.asarray(slide.level_dimensions[plan.level], dtype=np.int64)  # of patch_level
+        ds.attrs["level0_dim"] = np.asarray(plan.level0_dims, dtype=np.int64)
+        ds.attrs["level_dims"] = np.asarray(slide.level_dimensions, dtype=np.int64)
+        ds.attrs["name"] = slide.name
+        ds.attrs["slide_path"] = str(slide.path)
+        f.create_dataset("tissue_fraction", data=plan.tissue_fraction.astype(np.float32))
+        f.attrs["slide_name"] = slide.name
+        f.attrs["slide_path"] = str(slide.path)
+        f.attrs["n_candidates"] = int(plan.n_candidates)
+        f.attrs["objective_power"] = nan if slide.objective_power is None else float(slide.objective_power)
+        f.attrs["histomil_version"] = __version__
 
 
 def tile_slide(

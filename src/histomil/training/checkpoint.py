@@ -17,7 +17,6 @@ A checkpoint is a ``torch.save`` dict of plain Python values and tensors only (s
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_path
+from histomil.features.store import atomic_write
 from histomil.models.registry import build_model
 
 FORMAT = "histomil-mil-checkpoint"
@@ -78,13 +77,8 @@ def save_checkpoint(
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:

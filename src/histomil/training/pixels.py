@@ -32,9 +32,7 @@ Files written to ``out_dir``: ``history.csv`` (one row per epoch, as :mod:`.trai
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +57,22 @@ from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model
 from histomil.training.checkpoint import save_checkpoint
 from histomil.training.trainer import (
+    RunResult,
+    bag_loss,
+    takes_labels,
     _auc,
+    _best_extra,
+    _check_finite,
+    _check_nonempty,
     _device,
     _improves,
+    _labelled,
+    _labels,
+    _monitored,
+    _n_classes,
+    _parse_config,
+    _seeded,
     _State,
-    _write_history,
-    torch_threads,
 )
 
 BACKBONES = ("efficientnet_lite0", "original")
@@ -106,11 +114,7 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "pixel training config") -> PixelTrainConfig:
         """Validate a dict; problems -> one-line HistomilError naming ``source``."""
-        try:
-            return cls.model_validate(data).resolved()
-        except pydantic.ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-            raise HistomilError(f"{source}: {problems}") from None
+        return _parse_config(cls, data, source).resolved()
 
     def resolved(self) -> PixelTrainConfig:
         """A copy with the backbone defaults filled in; inconsistent options -> HistomilError."""
@@ -130,19 +134,9 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
 
 
 @dataclass
-class PixelTrainResult:
+class PixelTrainResult(RunResult):
     """What :func:`train_pixels` produced; paths point into ``out_dir``."""
 
-    out_dir: Path
-    model_path: Path
-    history_path: Path
-    history: list[dict[str, float]]
-    best_epoch: int
-    best_metrics: dict[str, float]
-    epochs_run: int
-    stopped_early: bool
-    monitor: str
-    n_classes: int
     config: PixelTrainConfig  # resolved (defaults filled in)
 
 
@@ -252,7 +246,8 @@ class PixelMIL(nn.Module):
                 parts = [checkpoint(self.encoder, c, use_reentrant=False) for c in tiles.split(chunk)]
         return torch.cat(parts).float()
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, y: torch.Tensor | None = None) -> MILOutput:
+        """Encode the tiles and run the head; bag labels ``y`` reach heads that use them (CLAM)."""
         if x.dim() != 5:
             raise HistomilError(
                 f"end-to-end pixel model: expected tiles of shape (B, N, 3, H, W), got {tuple(x.shape)} "
@@ -263,6 +258,8 @@ class PixelMIL(nn.Module):
         if check is not None:
             check(n)
         h = self.encode(x.flatten(0, 1)).view(b, n, -1)
+        if y is not None and takes_labels(self.head):
+            return self.head(h, mask, y=y)
         return self.head(h, mask)
 
 
@@ -386,20 +383,14 @@ def train_pixels(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_classes = _check_bags(train_bags, val_bags, config)
-    y_train = np.array([int(b.label) for b in train_bags], dtype=np.int64)  # type: ignore[arg-type]
-    y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)  # type: ignore[arg-type]
-    monitor = config.monitor
-    if monitor == "val_auc" and len(np.unique(y_val)) < 2:
-        warnings.warn("validation bags all have one class, so AUC is undefined; monitoring val_loss instead", stacklevel=2)
-        monitor = "val_loss"
+    y_train, y_val = _labels(train_bags), _labels(val_bags)
+    monitor = _monitored(config.monitor, y_val)
     device = _device(config.device)
     input_size = config.input_size or _native_size(train_bags[0])
     config = config.model_copy(update={"input_size": input_size})
     paths = {"model": out_dir / "model.pt", "history": out_dir / "history.csv"}
 
-    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), torch_threads(config.threads):
-        torch.manual_seed(config.seed)
+    with _seeded(device, config.seed, config.threads):
         model = build_pixel_model(config, n_classes, input_size).to(device)
         head_params = [p for p in model.head.parameters() if p.requires_grad]
         enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
@@ -415,8 +406,7 @@ def train_pixels(
             epoch = state.epoch + 1
             t0 = time.perf_counter()
             train_loss, train_acc = _train_epoch(model, optimizer, train_bags, y_train_t, config, rng, device, progress)
-            if not math.isfinite(train_loss):
-                raise HistomilError(f"{out_dir}: training diverged at epoch {epoch} (train loss {train_loss}); lower lr (now {config.lr})")
+            _check_finite(train_loss, epoch, out_dir, config.lr)
             outputs = predict_pixels(model, val_bags, num_workers=config.num_workers,
                                      progress=_stage(progress, "validating (bags)"))
             val_loss, val_acc, val_auc = _val_metrics(outputs, y_val, n_classes)
@@ -424,25 +414,19 @@ def train_pixels(
                    "val_acc": val_acc, "val_auc": val_auc, "lr": float(config.lr), "seconds": time.perf_counter() - t0}
             improved = _improves(row, monitor, state)
             if improved:
-                state.best_epoch, state.best_value, state.best_loss = epoch, float(row[monitor]), val_loss
+                state.mark_best(row, monitor)
                 save_checkpoint(
                     paths["model"], model, str(config.model), config.model_kwargs, n_classes,
                     model.prep.info(config.backbone, model.in_dim) if model.prep else None, config,
-                    extra={"best_epoch": epoch, "monitor": monitor, "metrics": dict(row),
-                           "n_train_bags": len(train_bags), "n_val_bags": len(val_bags),
-                           "train_class_counts": np.bincount(y_train, minlength=n_classes).tolist()},
+                    extra=_best_extra(row, monitor, y_train, len(val_bags), n_classes),
                     in_dim=model.in_dim, kind="pixels",
                 )
-            state.history.append(row)
-            _write_history(paths["history"], state.history)
-            state.epoch = epoch
-            state.stopped = epoch >= config.min_epochs and epoch - state.best_epoch >= config.patience
+            state.end_epoch(row, paths["history"], config.min_epochs, config.patience)
             if on_epoch is not None:
                 on_epoch({**row, "best_epoch": state.best_epoch, "improved": improved})
 
-    best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
     return PixelTrainResult(out_dir=out_dir, model_path=paths["model"], history_path=paths["history"],
-                            history=list(state.history), best_epoch=state.best_epoch, best_metrics=dict(best_row),
+                            history=list(state.history), best_epoch=state.best_epoch, best_metrics=state.best_row(),
                             epochs_run=state.epoch, stopped_early=state.stopped, monitor=monitor,
                             n_classes=n_classes, config=config)
 
@@ -462,11 +446,8 @@ def _train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequen
     loader_seed = int(rng.integers(2**63 - 1))
     for step, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, config.augment_p, config.num_workers, loader_seed), 1):
         target = y[i : i + 1]
-        out = model(tiles.unsqueeze(0).to(device))
-        loss = F.cross_entropy(out.logits, target)
-        aux = out.extras.get("aux_loss") if out.extras else None
-        if aux is not None:
-            loss = loss + aux
+        out = model(tiles.unsqueeze(0).to(device), y=target)
+        loss = bag_loss(out, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -525,30 +506,21 @@ def _stage(progress: Progress | None, name: str) -> Progress | None:
 
 def _check_bags(train_bags: Sequence[Bag], val_bags: Sequence[Bag], config: PixelTrainConfig) -> int:
     """Validate labels and bag sizes; returns the number of classes."""
-    if not train_bags:
-        raise HistomilError("no training bags")
-    if not val_bags:
-        raise HistomilError("no validation bags (early stopping and model selection need some)")
+    _check_nonempty(train_bags, val_bags)
     bag_size = int(config.model_kwargs.get("bag_size", 40)) if config.model == ORIGINAL_HEAD else None
-    for split, bags in (("training", train_bags), ("validation", val_bags)):
-        for b in bags:
-            if b.label is None or int(b.label) < 0:
-                raise HistomilError(f"{split} bag {b.bag_id!r} has no label")
-            if len(b.tile_paths) == 0:
-                raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles")
-            if bag_size is not None:
-                n = len(b.tile_paths)
-                if split == "training" and config.max_tiles is not None:
-                    n = min(n, config.max_tiles)
-                if n != bag_size:
-                    raise HistomilError(
-                        f"{split} bag {b.bag_id!r}: the original model needs bags of exactly {bag_size} tiles "
-                        f"(it concatenates them in order), this one has {n}; use a size-agnostic head such as gated_abmil"
-                    )
-    classes = {int(b.label) for b in train_bags}  # type: ignore[arg-type]
-    if len(classes) < 2:
-        raise HistomilError(f"training bags all have label {classes.pop()}; need at least two classes")
-    return max(2, max(int(b.label) for b in [*train_bags, *val_bags]) + 1)  # type: ignore[arg-type]
+    for split, b in _labelled(train_bags, val_bags):
+        if len(b.tile_paths) == 0:
+            raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles")
+        if bag_size is not None:
+            n = len(b.tile_paths)
+            if split == "training" and config.max_tiles is not None:
+                n = min(n, config.max_tiles)
+            if n != bag_size:
+                raise HistomilError(
+                    f"{split} bag {b.bag_id!r}: the original model needs bags of exactly {bag_size} tiles "
+                    f"(it concatenates them in order), this one has {n}; use a size-agnostic head such as gated_abmil"
+                )
+    return _n_classes(train_bags, val_bags)
 
 
 def _native_size(bag: Bag) -> int:

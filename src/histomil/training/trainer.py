@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pydantic
@@ -39,7 +39,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from histomil.errors import HistomilError
-from histomil.features.store import FeatureBag, atomic_path
+from histomil.features.store import FeatureBag, atomic_write
+from histomil.models.base import MILOutput
 from histomil.models.registry import build_model
 from histomil.training.checkpoint import (
     atomic_torch_save,
@@ -76,13 +77,42 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
         """Validate a dict (e.g. from YAML); problems -> one-line HistomilError naming ``source``."""
-        try:
-            return cls.model_validate(data)
-        except pydantic.ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-            )
-            raise HistomilError(f"{source}: {problems}") from None
+        return _parse_config(cls, data, source)
+
+
+_C = TypeVar("_C", bound=pydantic.BaseModel)
+
+
+def _parse_config(cls: type[_C], data: dict[str, Any], source: str) -> _C:
+    """``cls.model_validate(data)``; every problem listed in one HistomilError line naming ``source``."""
+    try:
+        return cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise HistomilError(f"{source}: {problems}") from None
+
+
+def takes_labels(model: nn.Module) -> bool:
+    """Whether the model's forward takes the bag labels ``y`` (e.g. CLAM's instance clustering)."""
+    return "y" in inspect.signature(model.forward).parameters
+
+
+def bag_loss(out: MILOutput, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy on the bag logits plus the model's own objectives.
+
+    A model may scale the bag loss (``extras["loss_weight_bag"]``) and add auxiliary losses
+    (``extras["aux_loss"]``): CLAM trains on 0.7 * bag loss + 0.3 * instance clustering loss.
+    """
+    loss = F.cross_entropy(out.logits, target, weight=weight)
+    extras = out.extras or {}
+    if "loss_weight_bag" in extras:
+        loss = loss * extras["loss_weight_bag"]
+    aux = extras.get("aux_loss")
+    if aux is not None:
+        loss = loss + aux
+    return loss
 
 
 @contextmanager
@@ -98,13 +128,12 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @dataclass
-class TrainResult:
-    """What a training run produced; paths point into ``out_dir``."""
+class RunResult:
+    """What a training run produced (here or end to end from pixels); paths point into ``out_dir``."""
 
     out_dir: Path
     model_path: Path
     history_path: Path
-    last_path: Path
     history: list[dict[str, float]]
     best_epoch: int
     best_metrics: dict[str, float]
@@ -112,6 +141,13 @@ class TrainResult:
     stopped_early: bool
     monitor: str  # the metric actually monitored (val_auc falls back to val_loss on a one-class val set)
     n_classes: int
+
+
+@dataclass
+class TrainResult(RunResult):
+    """What :func:`train` produced; paths point into ``out_dir``."""
+
+    last_path: Path
     in_dim: int
 
 
@@ -123,6 +159,35 @@ class _State:
     best_loss: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     stopped: bool = False
+
+    def mark_best(self, row: dict[str, Any], monitor: str) -> None:
+        """Record ``row`` (an epoch that improved the monitored metric) as the best so far."""
+        self.best_epoch, self.best_value, self.best_loss = row["epoch"], float(row[monitor]), row["val_loss"]
+
+    def end_epoch(self, row: dict[str, Any], history_path: Path, min_epochs: int, patience: int) -> None:
+        """Append ``row`` to the history (rewriting history.csv) and apply the early-stopping rule."""
+        self.history.append(row)
+        _write_history(history_path, self.history)
+        self.epoch = row["epoch"]
+        self.stopped = self.epoch >= min_epochs and self.epoch - self.best_epoch >= patience
+
+    def best_row(self) -> dict[str, float]:
+        return dict(next((r for r in self.history if r["epoch"] == self.best_epoch), {}))
+
+
+@dataclass
+class _Run:
+    """What ``last.pt`` saves besides the epoch state, and what resuming checks against."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    rng: np.random.Generator
+    device: torch.device
+    fingerprint: str
+    in_dim: int
+    n_classes: int
+    monitor: str
 
 
 def train(
@@ -144,25 +209,20 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     in_dim, n_classes = _check_bags(train_bags, val_bags)
     encoder_info = _normalise_encoder_info(encoder_info) if encoder_info is not None else _encoder_info_from(train_bags, val_bags)
-    y_train = np.array([int(b.label) for b in train_bags], dtype=np.int64)  # type: ignore[arg-type]
-    y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)  # type: ignore[arg-type]
-    monitor = config.monitor
-    if monitor == "val_auc" and len(np.unique(y_val)) < 2:
-        warnings.warn("validation bags all have one class, so AUC is undefined; monitoring val_loss instead", stacklevel=2)
-        monitor = "val_loss"
+    y_train, y_val = _labels(train_bags), _labels(val_bags)
+    monitor = _monitored(config.monitor, y_val)
     device = _device(config.device)
     paths = {"model": out_dir / "model.pt", "last": out_dir / "last.pt", "history": out_dir / "history.csv"}
     fingerprint = _fingerprint(train_bags, val_bags)
 
-    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices), torch_threads(config.threads):
-        torch.manual_seed(config.seed)
+    with _seeded(device, config.seed, config.threads):
         model = build_model(config.model, in_dim, n_classes, **config.model_kwargs).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         rng = np.random.default_rng(config.seed)
+        run = _Run(config, model, optimizer, rng, device, fingerprint, in_dim, n_classes, monitor)
         state = _State()
         if resume and paths["last"].exists():
-            state = _restore(paths["last"], config, model, optimizer, rng, device, fingerprint, in_dim, n_classes, monitor)
+            state = _restore(paths["last"], run)
             _write_history(paths["history"], state.history)
 
         weight = None
@@ -177,10 +237,7 @@ def train(
             epoch = state.epoch + 1
             t0 = time.perf_counter()
             train_loss, train_acc = _train_epoch(model, optimizer, train_x, y_train_t, config, rng, weight, device)
-            if not math.isfinite(train_loss):
-                raise HistomilError(
-                    f"{out_dir}: training diverged at epoch {epoch} (train loss {train_loss}); lower lr (now {config.lr})"
-                )
+            _check_finite(train_loss, epoch, out_dir, config.lr)
             val_loss, val_acc, val_auc = _evaluate(model, val_x, y_val, n_classes, device)
             row = {
                 "epoch": epoch,
@@ -194,9 +251,7 @@ def train(
             }
             improved = _improves(row, monitor, state)
             if improved:
-                state.best_epoch = epoch
-                state.best_value = float(row[monitor])
-                state.best_loss = val_loss
+                state.mark_best(row, monitor)
                 save_checkpoint(
                     paths["model"],
                     model,
@@ -205,25 +260,14 @@ def train(
                     n_classes,
                     encoder_info,
                     config,
-                    extra={
-                        "best_epoch": epoch,
-                        "monitor": monitor,
-                        "metrics": dict(row),
-                        "n_train_bags": len(train_bags),
-                        "n_val_bags": len(val_bags),
-                        "train_class_counts": np.bincount(y_train, minlength=n_classes).tolist(),
-                    },
+                    extra=_best_extra(row, monitor, y_train, len(val_bags), n_classes),
                     in_dim=in_dim,
                 )
-            state.history.append(row)
-            _write_history(paths["history"], state.history)
-            state.epoch = epoch
-            state.stopped = epoch >= config.min_epochs and epoch - state.best_epoch >= config.patience
-            _save_state(paths["last"], state, config, model, optimizer, rng, device, fingerprint, in_dim, n_classes, monitor)
+            state.end_epoch(row, paths["history"], config.min_epochs, config.patience)
+            _save_state(paths["last"], state, run)
             if on_epoch is not None:
                 on_epoch({**row, "best_epoch": state.best_epoch, "improved": improved})
 
-    best_row = next((r for r in state.history if r["epoch"] == state.best_epoch), {})
     return TrainResult(
         out_dir=out_dir,
         model_path=paths["model"],
@@ -231,7 +275,7 @@ def train(
         last_path=paths["last"],
         history=list(state.history),
         best_epoch=state.best_epoch,
-        best_metrics=dict(best_row),
+        best_metrics=state.best_row(),
         epochs_run=state.epoch,
         stopped_early=state.stopped,
         monitor=monitor,
@@ -269,6 +313,73 @@ def predict(
     return results
 
 
+# --- shared with end-to-end training (pixels.py) -----------------------------------------
+
+
+def _labels(bags: Sequence[Any]) -> np.ndarray:
+    """The bags' labels as an int64 array (the bags were checked to be labelled)."""
+    return np.array([int(b.label) for b in bags], dtype=np.int64)
+
+
+def _monitored(monitor: str, y_val: np.ndarray) -> str:
+    """The metric to monitor: ``val_auc`` falls back to ``val_loss`` (with a warning) on a one-class val set."""
+    if monitor == "val_auc" and len(np.unique(y_val)) < 2:
+        # stacklevel 3: the warning points at the caller of train / train_pixels
+        warnings.warn("validation bags all have one class, so AUC is undefined; monitoring val_loss instead", stacklevel=3)
+        return "val_loss"
+    return monitor
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int, threads: int) -> Iterator[None]:
+    """Torch's RNG seeded with ``seed`` inside the block, forked so the caller's RNG is left untouched."""
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices), torch_threads(threads):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_finite(train_loss: float, epoch: int, out_dir: Path, lr: float) -> None:
+    if not math.isfinite(train_loss):
+        raise HistomilError(f"{out_dir}: training diverged at epoch {epoch} (train loss {train_loss}); lower lr (now {lr})")
+
+
+def _best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bags: int, n_classes: int) -> dict[str, Any]:
+    """What a best checkpoint (model.pt) records about the epoch and data that produced it."""
+    return {
+        "best_epoch": row["epoch"],
+        "monitor": monitor,
+        "metrics": dict(row),
+        "n_train_bags": len(y_train),
+        "n_val_bags": n_val_bags,
+        "train_class_counts": np.bincount(y_train, minlength=n_classes).tolist(),
+    }
+
+
+def _check_nonempty(train_bags: Sequence[Any], val_bags: Sequence[Any]) -> None:
+    if not train_bags:
+        raise HistomilError("no training bags")
+    if not val_bags:
+        raise HistomilError("no validation bags (early stopping and model selection need some)")
+
+
+def _labelled(train_bags: Sequence[Any], val_bags: Sequence[Any]) -> Iterator[tuple[str, Any]]:
+    """Each bag with its split ("training" / "validation"), once its label is checked."""
+    for split, bags in (("training", train_bags), ("validation", val_bags)):
+        for b in bags:
+            if b.label is None or int(b.label) < 0:
+                raise HistomilError(f"{split} bag {b.bag_id!r} has no label")
+            yield split, b
+
+
+def _n_classes(train_bags: Sequence[Any], val_bags: Sequence[Any]) -> int:
+    """Number of classes of labelled bags; the training bags must hold at least two."""
+    train_classes = {int(b.label) for b in train_bags}
+    if len(train_classes) < 2:
+        raise HistomilError(f"training bags all have label {train_classes.pop()}; need at least two classes")
+    return max(2, max(int(b.label) for b in [*train_bags, *val_bags]) + 1)
+
+
 # --- one epoch ---------------------------------------------------------------------------
 
 
@@ -283,8 +394,7 @@ def _train_epoch(
     device: torch.device,
 ) -> tuple[float, float]:
     model.train()
-    # Models whose forward takes ``y`` (e.g. CLAM's instance clustering) get the bag labels.
-    takes_labels = "y" in inspect.signature(model.forward).parameters
+    labels_in = takes_labels(model)
     order = rng.permutation(len(feats))
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -299,14 +409,8 @@ def _train_epoch(
             batch.append(f)
         x, mask = _collate(batch, device)
         target = y[torch.from_numpy(idx).to(device)]
-        out = model(x, mask, y=target) if takes_labels else model(x, mask)
-        loss = F.cross_entropy(out.logits, target, weight=weight)
-        extras = out.extras or {}
-        if "loss_weight_bag" in extras:  # e.g. CLAM: 0.7 * bag loss + 0.3 * instance loss (in aux_loss)
-            loss = loss * extras["loss_weight_bag"]
-        aux = extras.get("aux_loss")
-        if aux is not None:  # models with auxiliary objectives (e.g. instance-level losses) put them here
-            loss = loss + aux
+        out = model(x, mask, y=target) if labels_in else model(x, mask)
+        loss = bag_loss(out, target, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -403,31 +507,21 @@ def _forward_all(
 
 def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> tuple[int, int]:
     """Validate the bags; returns (feature dim, number of classes)."""
-    if not train_bags:
-        raise HistomilError("no training bags")
-    if not val_bags:
-        raise HistomilError("no validation bags (early stopping and model selection need some)")
+    _check_nonempty(train_bags, val_bags)
     dim = None
-    for split, bags in (("training", train_bags), ("validation", val_bags)):
-        for b in bags:
-            f = b.features
-            if b.label is None or int(b.label) < 0:
-                raise HistomilError(f"{split} bag {b.bag_id!r} has no label")
-            if f.ndim != 2 or f.shape[0] == 0:
-                raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles (features shape {f.shape})")
-            if dim is None:
-                dim = int(f.shape[1])
-            elif f.shape[1] != dim:
-                raise HistomilError(
-                    f"{split} bag {b.bag_id!r} has {f.shape[1]}-dim features, others have {dim} (mixed encoders?)"
-                )
-            if not np.isfinite(f).all():
-                raise HistomilError(f"{split} bag {b.bag_id!r} has NaN or infinite features")
-    train_classes = {int(b.label) for b in train_bags}  # type: ignore[arg-type]
-    if len(train_classes) < 2:
-        raise HistomilError(f"training bags all have label {train_classes.pop()}; need at least two classes")
-    n_classes = max(2, max(int(b.label) for b in [*train_bags, *val_bags]) + 1)  # type: ignore[arg-type]
-    return int(dim), n_classes  # type: ignore[arg-type]
+    for split, b in _labelled(train_bags, val_bags):
+        f = b.features
+        if f.ndim != 2 or f.shape[0] == 0:
+            raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles (features shape {f.shape})")
+        if dim is None:
+            dim = int(f.shape[1])
+        elif f.shape[1] != dim:
+            raise HistomilError(
+                f"{split} bag {b.bag_id!r} has {f.shape[1]}-dim features, others have {dim} (mixed encoders?)"
+            )
+        if not np.isfinite(f).all():
+            raise HistomilError(f"{split} bag {b.bag_id!r} has NaN or infinite features")
+    return int(dim), _n_classes(train_bags, val_bags)  # type: ignore[arg-type]
 
 
 def _encoder_info_from(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> dict[str, Any] | None:
@@ -473,26 +567,15 @@ def _fingerprint(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag
     return h.hexdigest()
 
 
-def _save_state(
-    path: Path,
-    state: _State,
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rng: np.random.Generator,
-    device: torch.device,
-    fingerprint: str,
-    in_dim: int,
-    n_classes: int,
-    monitor: str,
-) -> None:
+def _save_state(path: Path, state: _State, run: _Run) -> None:
+    model, device = run.model, run.device
     payload = {
         "format": STATE_FORMAT,
-        "config": config.model_dump(mode="json"),
-        "fingerprint": fingerprint,
-        "in_dim": in_dim,
-        "n_classes": n_classes,
-        "monitor": monitor,
+        "config": run.config.model_dump(mode="json"),
+        "fingerprint": run.fingerprint,
+        "in_dim": run.in_dim,
+        "n_classes": run.n_classes,
+        "monitor": run.monitor,
         "epoch": state.epoch,
         "best_epoch": state.best_epoch,
         "best_value": state.best_value,
@@ -500,45 +583,34 @@ def _save_state(
         "stopped": state.stopped,
         "history": state.history,
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer_state": optimizer.state_dict(),
+        "optimizer_state": run.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "numpy_rng": json.dumps(run.rng.bit_generator.state),
     }
     atomic_torch_save(payload, path)
 
 
-def _restore(
-    path: Path,
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rng: np.random.Generator,
-    device: torch.device,
-    fingerprint: str,
-    in_dim: int,
-    n_classes: int,
-    monitor: str,
-) -> _State:
+def _restore(path: Path, run: _Run) -> _State:
     """Load ``last.pt`` into model, optimizer and RNGs after checking it belongs to this run."""
     data = read_checkpoint_dict(path, what="training state to resume from")
     if data.get("format") != STATE_FORMAT:
         raise HistomilError(f"{path}: not a histomil training state (last.pt)")
     saved = data["config"]
-    now = config.model_dump(mode="json")
+    now = run.config.model_dump(mode="json")
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise HistomilError(f"{path}: cannot resume, training options changed since the run started: {', '.join(changed)}")
-    if data["fingerprint"] != fingerprint or data["in_dim"] != in_dim or data["n_classes"] != n_classes:
+    if data["fingerprint"] != run.fingerprint or data["in_dim"] != run.in_dim or data["n_classes"] != run.n_classes:
         raise HistomilError(f"{path}: cannot resume, the training/validation bags differ from the interrupted run")
-    if data["monitor"] != monitor:
-        raise HistomilError(f"{path}: cannot resume, monitored metric changed ({data['monitor']} -> {monitor})")
-    model.load_state_dict(data["model_state"])
-    optimizer.load_state_dict(data["optimizer_state"])
+    if data["monitor"] != run.monitor:
+        raise HistomilError(f"{path}: cannot resume, monitored metric changed ({data['monitor']} -> {run.monitor})")
+    run.model.load_state_dict(data["model_state"])
+    run.optimizer.load_state_dict(data["optimizer_state"])
     torch.set_rng_state(data["torch_rng"])
-    if device.type == "cuda" and data.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state(data["cuda_rng"], device)
-    rng.bit_generator.state = json.loads(data["numpy_rng"])
+    if run.device.type == "cuda" and data.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(data["cuda_rng"], run.device)
+    run.rng.bit_generator.state = json.loads(data["numpy_rng"])
     return _State(
         epoch=int(data["epoch"]),
         best_epoch=int(data["best_epoch"]),
@@ -551,16 +623,10 @@ def _restore(
 
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     """Rewrite history.csv atomically (full float precision, so it reads back exactly)."""
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(HISTORY_COLUMNS)
-            for row in history:
-                writer.writerow([int(row["epoch"])] + [repr(float(row[c])) for c in HISTORY_COLUMNS[1:]])
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HISTORY_COLUMNS)
+        for row in history:
+            writer.writerow([int(row["epoch"])] + [repr(float(row[c])) for c in HISTORY_COLUMNS[1:]])
+        fh.flush()
+        os.fsync(fh.fileno())
