@@ -80,3 +80,4 @@ def _lookup(name: str) -> tuple[ModelFactory, dict[str, Any]]:
     if name not in MODELS:
         raise HistomilError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
     return MODELS[name]
+import histomil.models.small  # noqa: E402,F401  (registers abmil_small / gated_abmil_small)
