@@ -33,6 +33,8 @@ SMALL: dict[str, dict] = {
     # 8 landmarks: bags of > 7 tiles take the Nystrom path, smaller ones exact attention.
     "transmil": {"dim": 32, "heads": 4, "num_landmarks": 8, "dropout": 0.1},
     "dsmil": {"q_dim": 16},
+    "abmil_small": {"hidden": [32, 16], "attn_dim": 8},
+    "gated_abmil_small": {"hidden": [32, 16], "attn_dim": 8},
 }
 ALL = model_names()
 
