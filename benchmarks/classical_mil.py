@@ -1,0 +1,198 @@
+"""Classical MIL benchmarks (Musk1, Musk2, Elephant) with the protocol of Ilse et al. (2018), Table 1.
+
+Protocol: ``--reps`` repetitions of stratified ``--folds``-fold cross-validation over BAGS (each
+repetition reshuffles the folds with its own seed); per fold, features are standardised with the
+mean/std of the TRAINING fold's instances only; the small network of the paper (instance fc
+256-128-64 with ReLU, attention pooling plain or gated with hidden size 64, linear classifier) is
+trained from scratch with Adam (lr 5e-4, betas 0.9/0.999, weight decay 5e-4), one bag per step,
+for a FIXED number of epochs (``--epochs``; no early stopping and no model selection, so the test
+fold is never looked at before the final evaluation). Reported: test accuracy, mean over all
+folds of all repetitions, with the standard error of that mean.
+
+    python benchmarks/classical_mil.py --data ../shared/data/mil --reps 5 --folds 10 --out benchmarks/results/
+    python benchmarks/classical_mil.py --data ../shared/data/mil --quick --out /tmp/q   # smoke test
+
+Writes ``classical_mil.csv`` (one row per dataset/model/rep/fold), ``classical_mil.json`` (summary
+plus settings and machine) and ``classical_mil.md`` (the summary table) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_json, write_text
+
+from histomil.data.mil_csv import load_mil_csv
+from histomil.errors import HistomilError
+from histomil.features.store import FeatureBag
+from histomil.models.registry import build_model
+
+DATASETS = ("musk1", "musk2", "elephant")
+MODELS = ("abmil_small", "gated_abmil_small")
+PUBLISHED = {  # Ilse et al. 2018, Table 1 (mean accuracy); best published = best row of that table
+    "Ilse et al. attention": {"musk1": 0.892, "musk2": 0.858, "elephant": 0.868},
+    "Ilse et al. gated attention": {"musk1": 0.900, "musk2": 0.863, "elephant": 0.857},
+    "best published (Table 1)": {"musk1": 0.909, "musk2": 0.903, "elephant": 0.872},
+}
+
+
+def standardise(train: list[FeatureBag], test: list[FeatureBag]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(1, N, D) tensors scaled with the training instances' mean and std (constant features -> std 1)."""
+    stacked = np.concatenate([b.features for b in train]).astype(np.float64)
+    mean, std = stacked.mean(0), stacked.std(0)
+    std[std < 1e-12] = 1.0
+
+    def scale(bags: list[FeatureBag]) -> list[torch.Tensor]:
+        return [torch.from_numpy(((b.features - mean) / std).astype(np.float32)).unsqueeze(0) for b in bags]
+
+    return scale(train), scale(test)
+
+
+def run_fold(
+    model_name: str, train_x: list[torch.Tensor], train_y: np.ndarray, test_x: list[torch.Tensor], test_y: np.ndarray,
+    epochs: int, seed: int, dropout: float,
+) -> float:
+    """Train one model on one training fold for ``epochs`` epochs; its accuracy on the test fold."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+    targets = [torch.tensor([int(y)]) for y in train_y]
+    model.train()
+    for _ in range(epochs):
+        for i in rng.permutation(len(train_x)):
+            loss = F.cross_entropy(model(train_x[i]).logits, targets[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = np.array([int(model(x).logits.argmax(-1)) for x in test_x])
+    return float((pred == test_y).mean())
+
+
+def summarise(rows: list[dict], folds: int) -> list[dict]:
+    """Per dataset and model: mean test accuracy over all folds of all repetitions, with its standard error."""
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        for m in dict.fromkeys(r["model"] for r in rows if r["dataset"] == ds):
+            acc = np.array([r["accuracy"] for r in rows if r["dataset"] == ds and r["model"] == m])
+            reps = sorted({int(r["rep"]) for r in rows if r["dataset"] == ds and r["model"] == m})
+            rep_means = [
+                np.mean([r["accuracy"] for r in rows if r["dataset"] == ds and r["model"] == m and int(r["rep"]) == k])
+                for k in reps
+            ]
+            out.append({
+                "dataset": ds, "model": m, "protocol": f"{len(reps)} x {folds}-fold", "n_folds_total": int(acc.size),
+                "accuracy_mean": float(acc.mean()),
+                "accuracy_se": float(acc.std(ddof=1) / math.sqrt(acc.size)) if acc.size > 1 else float("nan"),
+                "rep_means": [float(x) for x in rep_means],
+            })
+    return out
+
+
+def markdown(summary: list[dict], datasets: list[str]) -> str:
+    """Our rows (mean ± SE) beside the published ones."""
+    head = "| method | protocol | " + " | ".join(datasets) + " |\n|---|---|" + "---|" * len(datasets) + "\n"
+    lines = []
+    for m in dict.fromkeys(s["model"] for s in summary):
+        cells = []
+        proto = ""
+        for ds in datasets:
+            s = next((s for s in summary if s["model"] == m and s["dataset"] == ds), None)
+            cells.append(f"{s['accuracy_mean']:.3f} ± {s['accuracy_se']:.3f}" if s else "—")
+            proto = s["protocol"] if s else proto
+        lines.append(f"| histomil {m} (ours) | {proto} | " + " | ".join(cells) + " |")
+    for name, accs in PUBLISHED.items():
+        lines.append(f"| {name} | 5 x 10-fold | " + " | ".join(f"{accs[d]:.3f}" for d in datasets) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder with musk1.csv, musk2.csv, elephant.csv")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--first-rep", type=int, default=0, help="index (and CV seed) of the first repetition")
+    p.add_argument("--merge", type=Path, nargs="+", help="only summarise these per-fold CSVs (from runs with different --first-rep)")
+    p.add_argument("--quick", action="store_true", help="1 rep, 2 folds, 2 epochs (smoke test)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps, a.folds, a.epochs = 1, 2, 2
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    if a.merge:
+        rows = [dict(r, rep=int(r["rep"]), fold=int(r["fold"]), accuracy=float(r["accuracy"]))
+                for f in a.merge for r in csv.DictReader(Path(f).read_text().splitlines())]
+        a.datasets = [d for d in a.datasets if any(r["dataset"] == d for r in rows)]
+    else:
+        rows = run_all(a)
+        if rows is None:
+            return 2
+    return write_outputs(a, rows, t_start)
+
+
+def run_all(a: argparse.Namespace) -> list[dict] | None:
+    """Every dataset x repetition x fold x model; None after a HistomilError (printed)."""
+    rows: list[dict] = []
+    try:
+        for ds in a.datasets:
+            bags = load_mil_csv(a.data / f"{ds}.csv")
+            y = np.array([b.label for b in bags])
+            for rep in range(a.first_rep, a.first_rep + a.reps):
+                skf = StratifiedKFold(n_splits=a.folds, shuffle=True, random_state=rep)
+                for fold, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+                    train_x, test_x = standardise([bags[i] for i in tr], [bags[i] for i in te])
+                    for m in a.models:
+                        t0 = time.perf_counter()
+                        acc = run_fold(m, train_x, y[tr], test_x, y[te], a.epochs, seed=1000 * rep + fold, dropout=a.dropout)
+                        rows.append({"dataset": ds, "model": m, "rep": rep, "fold": fold, "n_test": len(te),
+                                     "accuracy": acc, "seconds": round(time.perf_counter() - t0, 3)})
+                        print(f"{ds} {m} rep {rep} fold {fold}: acc {acc:.3f} ({rows[-1]['seconds']:.1f} s)", flush=True)
+    except HistomilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return rows
+
+
+def write_outputs(a: argparse.Namespace, rows: list[dict], t_start: float) -> int:
+    summary = summarise(rows, a.folds)
+    a.out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(a.out / "classical_mil.csv", buf.getvalue())
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    if a.merge:  # the runs' own settings live in their JSON files; only the merge inputs are known here
+        settings = {"merged_from": [str(f) for f in a.merge], "folds": a.folds}
+    else:
+        settings.update(optimizer="Adam lr 5e-4 betas (0.9, 0.999) weight_decay 5e-4", batch="1 bag",
+                        selection="fixed epochs, no early stopping, test fold unseen until the end")
+    write_json(a.out / "classical_mil.json", {"settings": settings, "machine": machine(), "summary": summary,
+                                               "total_seconds": round(time.perf_counter() - t_start, 1)})
+    write_text(a.out / "classical_mil.md", markdown(summary, a.datasets))
+    print(markdown(summary, a.datasets))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
