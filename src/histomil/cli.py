@@ -138,13 +138,22 @@ def features_extract(
         else:
             bags = load_bags(source, labels, require_labels=False, on_bad_tile=on_bad_tile, log=_log)
             enc = build_encoder(encoder, precision=precision, channels_last=True)
-            fc = FeatureCache(cache or out / "cache", {**enc.info.to_dict(), "precision": precision})
+            fc = FeatureCache.for_encoder(cache or out / "cache", enc)
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
             if source.is_dir():
                 copy_sidecars(source, out)
     for name, s in summaries.items():
         _log(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done), "
              f"{s.n_unique_tiles} distinct tiles, {s.n_encoded} encoded, {len(s.bad_tiles)} bad tiles skipped")
+
+
+def _train_config(config: Path | None, **options: object):
+    """A TrainConfig from an optional YAML/JSON file, overridden by the command-line options given."""
+    from histomil.training.trainer import TrainConfig
+
+    raw = read_mapping(config) if config is not None else {}
+    raw.update({key: value for key, value in options.items() if value is not None})
+    return validate(TrainConfig, raw, str(config or "training options"))
 
 
 @app.command("train")
@@ -165,16 +174,10 @@ def train_cmd(
 ) -> None:
     """Train a MIL model on cached features, with early stopping and a resumable run folder."""
     from histomil.features.store import load_feature_dataset
-    from histomil.training.trainer import TrainConfig, train
+    from histomil.training.trainer import train
 
-    raw: dict = {}
-    if config is not None:
-        raw = read_mapping(config)
-    for key, value in dict(model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
-                           patience=patience, min_epochs=min_epochs, seed=seed).items():
-        if value is not None:
-            raw[key] = value
-    cfg = validate(TrainConfig, raw, str(config or "training options"))
+    cfg = _train_config(config, model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
+                        patience=patience, min_epochs=min_epochs, seed=seed)
     train_bags = load_feature_dataset(train_features, require_labels=True)
     val_bags = load_feature_dataset(val, require_labels=True)
     encoder_info = dict(train_bags[0].attrs)
@@ -252,13 +255,8 @@ def compare_cmd(
 ) -> None:
     """Train and evaluate several models on the same study and seeds; one table of accuracy and AUC."""
     from histomil.evaluation.compare import compare_markdown, compare_models
-    from histomil.training.trainer import TrainConfig
 
-    raw = read_mapping(config) if config is not None else {}
-    for key, value in dict(epochs=epochs, batch_size=batch_size).items():
-        if value is not None:
-            raw[key] = value
-    base = validate(TrainConfig, raw, str(config or "training options"))
+    base = _train_config(config, epochs=epochs, batch_size=batch_size)
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     from histomil.models.registry import model_names
 

@@ -86,7 +86,7 @@ def extract_study(
 ) -> dict[str, object]:
     """Extract features for every split of a study with one shared tile cache."""
     encoder = build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last)
-    cache = FeatureCache(cache_dir or out_dir / "cache", {**encoder.info.to_dict(), "precision": cfg.precision})
+    cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
     for name in split_names(study_dir):
         bags = load_bag_folders(study_dir / name, require_labels=True, on_bad_tile=cfg.on_bad_tile, log=log)

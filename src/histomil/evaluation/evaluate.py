@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from histomil.data.bags import read_tile_truth
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
 from histomil.features.store import FeatureBag, load_feature_dataset
@@ -28,10 +29,7 @@ def tile_truth_for(folder: Path, bags: list[FeatureBag]) -> list[np.ndarray] | N
     truth_csv = folder / "tiles.csv"
     if not truth_csv.is_file():
         return None
-    by_tile: dict[tuple[str, str], int] = {}
-    with open(truth_csv, newline="") as fh:
-        for row in csv.DictReader(fh):
-            by_tile[(str(row["case"]), Path(row["path"]).name)] = int(row["tile_label"])
+    by_tile = {(case, Path(tile).name): label for (case, tile), label in read_tile_truth(truth_csv).items()}
     out = []
     for bag in bags:
         try:

@@ -37,7 +37,7 @@ def features_for_source(
         raise HistomilError(f"{source}: the model does not record its encoder; pass a feature folder instead")
     encoder = build_encoder(name, precision=encoder_info.get("precision", "fp32"), channels_last=True)
     feat_dir = work_dir / "features"
-    cache = FeatureCache(work_dir / "cache", {**encoder.info.to_dict(), "precision": encoder_info.get("precision", "fp32")})
+    cache = FeatureCache.for_encoder(work_dir / "cache", encoder)
     extract_bags(bags, feat_dir, encoder, cache, on_bad_tile=on_bad_tile, log=log, progress=progress)
     return feat_dir
 

@@ -42,6 +42,11 @@ class FeatureCache:
                 self._index.setdefault(key, (number, row))
             self._n_shards = max(self._n_shards, number + 1)
 
+    @classmethod
+    def for_encoder(cls, root: str | Path, encoder: object) -> FeatureCache:
+        """The cache of one TileEncoder: its name, input size, normalisation and precision."""
+        return cls(root, {**encoder.info.to_dict(), "precision": encoder.precision})  # type: ignore[attr-defined]
+
     def _check_config(self) -> None:
         meta = self.root / "encoder.json"
         if meta.exists():
