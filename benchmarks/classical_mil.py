@@ -24,12 +24,15 @@ import io
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
@@ -60,27 +63,67 @@ def standardise(train: list[FeatureBag], test: list[FeatureBag]) -> tuple[list[t
     return scale(train), scale(test)
 
 
-def run_fold(
-    model_name: str, train_x: list[torch.Tensor], train_y: np.ndarray, test_x: list[torch.Tensor], test_y: np.ndarray,
-    epochs: int, seed: int, dropout: float,
+class Fold(NamedTuple):
+    """One test fold of one repetition, standardised with its training fold's statistics."""
+
+    rep: int
+    fold: int
+    train_x: list[torch.Tensor]
+    train_y: np.ndarray
+    test_x: list[torch.Tensor]
+    test_y: np.ndarray
+    seed: int  # seeds the model's initialisation and the order of the training bags
+
+
+def protocol_folds(bags: list[FeatureBag], reps: int, folds: int, first_rep: int = 0) -> Iterator[Fold]:
+    """The protocol's folds: repetition ``rep`` is a stratified ``folds``-fold split shuffled with seed ``rep``."""
+    y = np.array([b.label for b in bags])
+    for rep in range(first_rep, first_rep + reps):
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=rep)
+        for fold, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+            train_x, test_x = standardise([bags[i] for i in tr], [bags[i] for i in te])
+            yield Fold(rep, fold, train_x, y[tr], test_x, y[te], seed=1000 * rep + fold)
+
+
+def train_and_test(
+    make_model: Callable[[], nn.Module], loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    predict: Callable[[nn.Module, torch.Tensor], int], train_x: list[torch.Tensor], train_y: np.ndarray,
+    test_x: list[torch.Tensor], test_y: np.ndarray, epochs: int, seed: int,
 ) -> float:
-    """Train one model on one training fold for ``epochs`` epochs; its accuracy on the test fold."""
+    """The protocol's training loop for any model: seed, build, Adam, ``epochs`` epochs of one bag per step
+    in a seeded random order; then the accuracy of ``predict(model, bag)`` (a class index) on the test fold.
+
+    ``loss_fn(model, bag (1, N, D), target (1,))`` computes the model's training loss on one bag.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout)
+    model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
     targets = [torch.tensor([int(y)]) for y in train_y]
     model.train()
     for _ in range(epochs):
         for i in rng.permutation(len(train_x)):
-            loss = F.cross_entropy(model(train_x[i]).logits, targets[i])
+            loss = loss_fn(model, train_x[i], targets[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
     with torch.no_grad():
-        pred = np.array([int(model(x).logits.argmax(-1)) for x in test_x])
+        pred = np.array([predict(model, x) for x in test_x])
     return float((pred == test_y).mean())
+
+
+def run_fold(
+    model_name: str, train_x: list[torch.Tensor], train_y: np.ndarray, test_x: list[torch.Tensor], test_y: np.ndarray,
+    epochs: int, seed: int, dropout: float,
+) -> float:
+    """Train one registry model on one training fold for ``epochs`` epochs; its accuracy on the test fold."""
+    return train_and_test(
+        lambda: build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout),
+        lambda model, x, target: F.cross_entropy(model(x).logits, target),
+        lambda model, x: int(model(x).logits.argmax(-1)),
+        train_x, train_y, test_x, test_y, epochs, seed,
+    )
 
 
 def summarise(rows: list[dict], folds: int) -> list[dict]:
@@ -156,17 +199,13 @@ def run_all(a: argparse.Namespace) -> list[dict] | None:
     try:
         for ds in a.datasets:
             bags = load_mil_csv(a.data / f"{ds}.csv")
-            y = np.array([b.label for b in bags])
-            for rep in range(a.first_rep, a.first_rep + a.reps):
-                skf = StratifiedKFold(n_splits=a.folds, shuffle=True, random_state=rep)
-                for fold, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
-                    train_x, test_x = standardise([bags[i] for i in tr], [bags[i] for i in te])
-                    for m in a.models:
-                        t0 = time.perf_counter()
-                        acc = run_fold(m, train_x, y[tr], test_x, y[te], a.epochs, seed=1000 * rep + fold, dropout=a.dropout)
-                        rows.append({"dataset": ds, "model": m, "rep": rep, "fold": fold, "n_test": len(te),
-                                     "accuracy": acc, "seconds": round(time.perf_counter() - t0, 3)})
-                        print(f"{ds} {m} rep {rep} fold {fold}: acc {acc:.3f} ({rows[-1]['seconds']:.1f} s)", flush=True)
+            for f in protocol_folds(bags, a.reps, a.folds, a.first_rep):
+                for m in a.models:
+                    t0 = time.perf_counter()
+                    acc = run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed, dropout=a.dropout)
+                    rows.append({"dataset": ds, "model": m, "rep": f.rep, "fold": f.fold, "n_test": len(f.test_y),
+                                 "accuracy": acc, "seconds": round(time.perf_counter() - t0, 3)})
+                    print(f"{ds} {m} rep {f.rep} fold {f.fold}: acc {acc:.3f} ({rows[-1]['seconds']:.1f} s)", flush=True)
     except HistomilError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None

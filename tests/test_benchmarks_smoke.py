@@ -94,3 +94,174 @@ def test_loglog_slopes(scale):
     rows = [{"model": "m", "mode": "infer", "n": n, "status": "ok", "seconds": 1e-6 * n} for n in (100, 1000, 10000)]
     rows += [{"model": "q", "mode": "train", "n": n, "status": "ok", "seconds": 1e-9 * n * n} for n in (1000, 10000)]
     assert scale.slopes(rows) == {"m": {"infer": pytest.approx(1.0)}, "q": {"train": pytest.approx(2.0)}}
+
+
+# --- MNIST-bags (benchmarks/mnist_bags.py) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_bags():
+    return load("mnist_bags")
+
+
+def test_mnist_bags_quick_writes_outputs_and_resumes(mnist_bags, shared_data, tmp_path, one_thread, capsys):
+    args = ["--data", str(shared_data / "mnist"), "--out", str(tmp_path), "--quick"]
+    assert mnist_bags.main(args) == 0
+    for name in ("mnist_bags.csv", "mnist_bags.json", "mnist_bags.md", "mnist_bags.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "mnist_bags.csv").read_text().splitlines()))
+    assert len(rows) == 2  # 1 size x 1 rep x 2 models
+    assert {r["model"] for r in rows} == {"attention", "gated_attention"}
+    for r in rows:
+        assert (r["n_train"], r["n_test"], r["rep"], r["epochs"]) == ("20", "100", "0", "2")
+        assert 0.0 <= float(r["auc"]) <= 1.0 and 0.0 <= float(r["accuracy"]) <= 1.0
+        assert 0.0 < float(r["test_pos_frac"]) < 1.0 and float(r["seconds"]) > 0
+    data = json.loads((tmp_path / "mnist_bags.json").read_text())
+    summary = [(s["model"], s["n_train"], s["n_reps"]) for s in data["summary"]]
+    assert summary == [("attention", 20, 1), ("gated_attention", 20, 1)]
+    assert data["machine"]["cpu_count"] >= 1 and "stopping" in data["settings"]
+    assert "| 20 | 2 |" in (tmp_path / "mnist_bags.md").read_text()
+    assert (tmp_path / "mnist_bags.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # rerun: every row is already there, nothing is trained again
+    before = (tmp_path / "mnist_bags.csv").read_text()
+    capsys.readouterr()
+    assert mnist_bags.main(args) == 0
+    assert "resuming: 2 row(s)" in capsys.readouterr().out and (tmp_path / "mnist_bags.csv").read_text() == before
+    # rows made with other settings are not silently mixed in
+    assert mnist_bags.main(args + ["--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "mnist_bags.csv" in err and "\n" not in err
+
+
+def test_mnist_bags_pools_are_disjoint_and_bags_follow_the_rules(mnist_bags, shared_data):
+    import numpy as np
+
+    images, labels = mnist_bags.load_mnist(shared_data / "mnist")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    train, test = mnist_bags.split_pools(labels)
+    assert len(train) == len(test) == 5000 and np.intersect1d(train, test).size == 0
+    np.testing.assert_array_equal(np.union1d(train, test), np.arange(10000))  # every digit in exactly one pool
+    again = mnist_bags.split_pools(labels)
+    np.testing.assert_array_equal(again[0], train)  # the split is fixed
+    assert np.abs(np.bincount(labels[train], minlength=10) - np.bincount(labels[test], minlength=10)).max() <= 1
+
+    bags, y = mnist_bags.make_bags(labels, train, 4000, np.random.default_rng(0))
+    assert all(np.isin(b, train).all() for b in bags)  # training bags use training-pool digits only
+    np.testing.assert_array_equal(y, [int((labels[b] == 9).any()) for b in bags])
+    sizes = np.array([len(b) for b in bags])
+    assert sizes.min() >= 1 and abs(sizes.mean() - 10) < 0.2 and abs(sizes.std() - 2) < 0.2
+    assert 0.55 < y.mean() < 0.75  # 1 - E[0.9^size] is about 0.65
+    test_bags, _ = mnist_bags.make_bags(labels, test, 200, np.random.default_rng(1))
+    assert all(np.isin(b, test).all() for b in test_bags)
+
+
+def test_mnist_bags_bad_input_is_a_one_line_error(mnist_bags, shared_data, tmp_path, capsys):
+    import shutil
+
+    assert mnist_bags.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and mnist_bags.IMAGES_FILE in err and "not found" in err and "\n" not in err
+
+    # a labels file where the images file should be: wrong idx magic, named in the message
+    shutil.copy(shared_data / "mnist" / mnist_bags.LABELS_FILE, tmp_path / mnist_bags.IMAGES_FILE)
+    shutil.copy(shared_data / "mnist" / mnist_bags.LABELS_FILE, tmp_path / mnist_bags.LABELS_FILE)
+    assert mnist_bags.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and mnist_bags.IMAGES_FILE in err and "magic" in err and "\n" not in err
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load("throughput")
+
+
+def test_throughput_quick_on_ebhi_tiles(throughput, shared_data, tmp_path, one_thread):
+    import math
+
+    rc = throughput.main(["--out", str(tmp_path), "--quick", "--threads", "1", "--data", str(shared_data / "ebhi"),
+                          "--models", "abmil", "clam_sb"])
+    assert rc == 0
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert data["settings"]["threads"] == 1 and data["settings"]["quick"]
+    assert len(data["machine"]["loadavg_1_5_15"]) == 3 and len(data["loadavg_after"]) == 3
+
+    def positive(x):
+        return isinstance(x, float) and math.isfinite(x) and x > 0
+
+    extract = data["extract"]
+    assert extract["n_tiles"] == 16 and extract["tile_shapes"] == [[224, 224, 3]]
+    (row,) = extract["rows"]  # quick: bf16 only
+    assert row["precision"] == "bf16"
+    for key in ("decode_tiles_per_s", "encode_tiles_per_s", "pipeline_tiles_per_s", "hash_tiles_per_s",
+                "pipeline_over_slower_stage"):
+        assert positive(row[key]), key
+    feats = data["features"]
+    assert {(r["model"], r["batch_size"], r["mode"]) for r in feats} == {
+        (m, bs, mode) for m in ("abmil", "clam_sb") for bs in (1, 16) for mode in ("infer", "train")}
+    assert all(positive(r["bags_per_s"]) for r in feats)
+    pixels = data["pixels"]
+    assert [(r["backbone"], r["tile_px"], r["finetune"]) for r in pixels] == [
+        ("efficientnet_lite0", 224, "none"), ("efficientnet_lite0", 224, "all"), ("original", 256, "all")]
+    assert all(positive(r["infer_bags_per_s"]) and positive(r["train_bags_per_s"]) for r in pixels)
+    assert all(r["tiles_per_bag"] == 4 and len(r["train_step_seconds"]) == 1 for r in pixels)
+    table = (tmp_path / "throughput.md").read_text()
+    assert "| bf16 | " in table and "| abmil | " in table and "| clam_sb | " in table
+    assert "| efficientnet_lite0 | 224 | gated_abmil | all | bf16 | " in table
+    assert "| original | 256 | original_concat | all | bf16 | " in table
+
+
+def test_throughput_unknown_model_is_a_one_line_error(throughput, tmp_path, capsys):
+    assert throughput.main(["--out", str(tmp_path), "--quick", "--models", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nope" in err and "\n" not in err
+
+
+# --- peer comparison with torchmil (benchmarks/peer_torchmil.py; torchmil lives only in .venv-bench) ---
+
+
+@pytest.fixture(scope="module")
+def peer():
+    return load("peer_torchmil")  # must import without torchmil: it is imported only when a run starts
+
+
+def test_peer_torchmil_parts_without_torchmil(peer, capsys):
+    assert set(peer.PAIRS) == {"abmil", "gated_abmil", "clam_sb", "dsmil", "transmil", "mean_pool", "max_pool"}
+    assert set(peer.SMALL_PAIRS) == {"abmil_small", "gated_abmil_small"}
+    calls = []
+    timing = peer.interleaved(lambda: calls.append("o"), lambda: calls.append("t"), repeats=3)
+    assert calls == ["o", "t", "o", "t", "t", "o", "o", "t"]  # cold pair, then alternating order
+    assert timing["repeats"] == 3 and timing["ours_seconds"] >= 0 and timing["theirs_seconds"] >= 0
+    rows = [{"part": "accuracy", "pair": "abmil_small", "dataset": "musk1", "rep": 0, "fold": k, "n_test": 10,
+             "ours_accuracy": a, "theirs_accuracy": b, "ours_seconds": 1.0, "theirs_seconds": 2.0, "status": "ok"}
+            for k, (a, b) in enumerate([(0.9, 0.8), (0.7, 0.8)])]
+    (s,) = peer.accuracy_summary(rows, folds=2)
+    assert s["ours_mean"] == pytest.approx(0.8) and s["theirs_mean"] == pytest.approx(0.8)
+    assert s["ratio"] == pytest.approx(1.0) and s["paired_diff_mean"] == pytest.approx(0.0)
+    assert s["paired_diff_se"] == pytest.approx(0.1) and s["protocol"] == "1 x 2-fold"
+    table = peer.markdown(rows, [], [s], {"epochs": 30, "threads": 1})
+    assert "| musk1 | abmil_small | 0.800 ± 0.100 | 0.800 ± 0.000 | 1.000 | +0.000 ± 0.100 | 1.0 / 2.0 |" in table
+    if importlib.util.find_spec("torchmil") is None:  # CI's environment: one clear line, exit 2
+        assert peer.main(["--out", "unused", "--parts", "speed"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: torchmil is not installed") and "\n" not in err
+
+
+def test_peer_torchmil_quick(peer, shared_data, tmp_path, one_thread):
+    pytest.importorskip("torchmil")
+    rc = peer.main(["--data", str(shared_data / "mil"), "--out", str(tmp_path), "--quick", "--datasets", "musk1"])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "peer_torchmil.csv").read_text().splitlines()))
+    speed = [r for r in rows if r["part"] == "speed"]
+    assert len(speed) == 7 * 2  # 7 model pairs x (infer, train) at N=64
+    assert all(r["status"] == "ok" and float(r["ours_seconds"]) > 0 and float(r["theirs_seconds"]) > 0 for r in speed)
+    acc = [r for r in rows if r["part"] == "accuracy"]
+    assert len(acc) == 2 * 2  # 2 folds x 2 small models
+    assert sum(int(r["n_test"]) for r in acc if r["pair"] == "abmil_small") == 92  # every Musk1 bag tested once
+    assert all(0.0 <= float(r[k]) <= 1.0 for r in acc for k in ("ours_accuracy", "theirs_accuracy"))
+    data = json.loads((tmp_path / "peer_torchmil.json").read_text())
+    assert data["settings"]["torchmil_version"] and len(data["models"]) == 7
+    assert all(m["ours_params"] > 0 and m["theirs_params"] > 0 for m in data["models"])
+    assert [s["protocol"] for s in data["accuracy_summary"]] == ["1 x 2-fold"] * 2
+    table = (tmp_path / "peer_torchmil.md").read_text()
+    assert "## Speed" in table and "| transmil | " in table and "## Accuracy" in table
