@@ -55,6 +55,7 @@ from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrain
 from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model
+from histomil.runtime import keep_freed_memory
 from histomil.training.checkpoint import save_checkpoint
 from histomil.training.trainer import (
     RunResult,
@@ -380,6 +381,7 @@ def train_pixels(
     done, total)`` reports bags within an epoch.
     """
     config = config.resolved()
+    keep_freed_memory()  # CNN activations: reuse freed buffers (histomil.runtime)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_classes = _check_bags(train_bags, val_bags, config)
@@ -466,6 +468,7 @@ def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
     Runs in eval mode, without augmentation, on all tiles of each bag, one bag at a time.
     Attention is NaN for heads that have none.
     """
+    keep_freed_memory()
     if model.prep is None:
         raise HistomilError("pixel model has no tile preprocessing (build it with build_pixel_model)")
     for b in bags:

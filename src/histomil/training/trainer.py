@@ -42,6 +42,7 @@ from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag, atomic_write
 from histomil.models.base import MILOutput
 from histomil.models.registry import build_model
+from histomil.runtime import keep_freed_memory
 from histomil.training.checkpoint import (
     atomic_torch_save,
     read_checkpoint_dict,
@@ -293,6 +294,7 @@ def predict(
     Runs in eval mode without gradients, in padded batches of similar-size bags. Each attention
     array has the bag's real length (n_tiles,); models without attention give NaNs.
     """
+    keep_freed_memory()  # large bags allocate 100s of MB per layer (histomil.runtime)
     feats = [_as_tensor(b.features if isinstance(b, FeatureBag) else b) for b in bags]
     for i, f in enumerate(feats):
         if f.dim() != 2 or f.shape[0] == 0:
