@@ -4,8 +4,13 @@ For each registry model and each bag size N (default 100, 1,000, 10,000, 100,000
 1280-d features, the width of a large foundation-model encoder), one FRESH subprocess per
 measurement builds the model on random features and measures:
 
-* ``infer``: ``model.eval()``, ``torch.no_grad()``, one forward pass;
+* ``infer``: ``histomil.training.trainer.predict`` on the bag (eval mode, no gradients, one forward
+  pass and the softmax): what ``histomil predict`` does per bag;
+* ``infer_bf16``: the same with ``precision="bf16"`` (bfloat16 autocast, ``histomil predict --precision bf16``);
 * ``train``: ``model.train()``, forward, the trainer's bag loss, backward and one Adam step.
+
+Every worker first applies ``histomil.runtime.keep_freed_memory()``, as histomil's own prediction and
+training do.
 
 Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (torch allocates outside Python's
 heap, so ``tracemalloc`` would miss it): ``peak_mb`` is the process peak, ``delta_mb`` the growth
@@ -42,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
 
 SIZES = (100, 1_000, 10_000, 100_000)
+MODES = ("infer", "infer_bf16", "train")
+MODE_TITLES = {"infer": "inference (predict, fp32)", "infer_bf16": "inference (predict, bf16 autocast)", "train": "one training step"}
 DIM = 1280
 
 
@@ -54,8 +61,10 @@ def worker(model_name: str, n: int, mode: str, threads: int, dim: int) -> dict:
     import torch
 
     from histomil.models.registry import build_model
-    from histomil.training.trainer import bag_loss, takes_labels
+    from histomil.runtime import keep_freed_memory
+    from histomil.training.trainer import bag_loss, predict, takes_labels
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(model_name, dim, 2)
@@ -65,10 +74,8 @@ def worker(model_name: str, n: int, mode: str, threads: int, dim: int) -> dict:
     labels_in = takes_labels(model)
 
     def call() -> None:
-        if mode == "infer":
-            model.eval()
-            with torch.no_grad():
-                model(x)
+        if mode.startswith("infer"):
+            predict(model, [x[0]], precision="bf16" if mode == "infer_bf16" else "fp32")
         else:
             model.train()
             out = model(x, None, y=y) if labels_in else model(x)
@@ -126,18 +133,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
     from histomil.features.store import atomic_write
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, mode in zip(axes, ("infer", "train")):
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, mode in zip(axes, modes):
         for m in dict.fromkeys(r["model"] for r in rows):
             pts = [(r["n"], r["seconds"]) for r in rows if r["model"] == m and r["mode"] == mode and r["status"] == "ok"]
             if pts:
                 ax.loglog(*zip(*pts), marker="o", label=m)
-        ax.set_title("inference (eval, no grad)" if mode == "infer" else "one training step (fwd+bwd+Adam)")
+        ax.set_title(MODE_TITLES[mode])
         ax.set_xlabel("instances per bag")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("seconds")
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7, loc="upper left")
+    if axes[-1].get_legend_handles_labels()[0]:
+        axes[-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -148,10 +157,10 @@ def markdown(rows: list[dict], sl: dict[str, dict[str, float]]) -> str:
     """One table per mode: seconds (and activation/gradient memory growth) per bag size, plus the slope."""
     sizes = sorted({r["n"] for r in rows})
     out = []
-    for mode in ("infer", "train"):
+    for mode in MODES:
         if not any(r["mode"] == mode for r in rows):
             continue
-        out.append(f"**{'inference (eval, no grad)' if mode == 'infer' else 'one training step'}**: seconds "
+        out.append(f"**{MODE_TITLES[mode]}**: seconds "
                    "(peak RSS growth over the model+input baseline, MB)\n")
         out.append("| model | " + " | ".join(f"N={n:,}" for n in sizes) + " | log-log slope (N>=1000) |")
         out.append("|---|" + "---|" * (len(sizes) + 1))
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     p.add_argument("--models", nargs="+", default=None, help="default: every registry model")
-    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dim", type=int, default=DIM)
     p.add_argument("--max-seconds", type=float, default=60.0)

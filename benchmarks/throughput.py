@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                      "interop_threads": torch.get_num_interop_threads(),
                      # allocator and threading settings change these numbers a lot (e.g. MALLOC_MMAP_THRESHOLD_)
                      "env": {k: v for k, v in os.environ.items()
-                             if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_")) or k == "LD_PRELOAD"}})
+                             if k.startswith(("MALLOC_", "OMP_", "MKL_", "KMP_", "HISTOMIL_")) or k == "LD_PRELOAD"}})
     result: dict[str, Any] = {"settings": settings, "machine": machine()}
     threads_before = torch.get_num_threads()
     torch.set_num_threads(a.threads)

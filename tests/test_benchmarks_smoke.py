@@ -73,12 +73,13 @@ def test_scale_tiny_run_writes_rows_plot_and_slopes(scale, tmp_path):
     assert rc == 0
     data = json.loads((tmp_path / "scale.json").read_text())
     rows = data["rows"]
-    assert [(r["mode"], r["n"]) for r in rows] == [("infer", 16), ("train", 16)]
+    assert [(r["mode"], r["n"]) for r in rows] == [("infer", 16), ("infer_bf16", 16), ("train", 16)]
     for r in rows:
         assert r["status"] == "ok"
         assert 0 < r["seconds"] < 5 and r["peak_mb"] > 50 and r["delta_mb"] >= 0
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(csv.DictReader((tmp_path / "scale.csv").read_text().splitlines()))) == 2
+    assert len(list(csv.DictReader((tmp_path / "scale.csv").read_text().splitlines()))) == 3
+    assert "inference (predict, bf16 autocast)" in (tmp_path / "scale.md").read_text()
 
 
 def test_scale_over_time_limit_is_killed_and_larger_sizes_skipped(scale, tmp_path):

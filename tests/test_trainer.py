@@ -205,6 +205,22 @@ def test_predict_keeps_order_and_matches_single_bag_calls(toy):
         np.testing.assert_allclose(aa, ab, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["abmil", "transmil", "clam_sb"])
+def test_predict_in_bf16_stays_close_to_fp32(toy, name):
+    _, val_bags, _ = toy
+    torch.manual_seed(0)
+    model = build_model(name, D)
+    fp32 = predict(model, val_bags)
+    bf16 = predict(model, val_bags, precision="bf16")
+    for (pa, aa), (pb, ab) in zip(fp32, bf16):
+        assert pb.dtype == np.float64 and abs(pb.sum() - 1) < 1e-6
+        np.testing.assert_allclose(pa, pb, atol=2e-2)
+        if not np.isnan(aa).all():
+            np.testing.assert_allclose(aa, ab, atol=2e-2)
+    with pytest.raises(HistomilError, match="precision must be 'fp32' or 'bf16'"):
+        predict(model, val_bags, precision="fp16")
+
+
 def test_val_auc_monitor_falls_back_on_one_class_val(toy, tmp_path):
     train_bags, val_bags, _ = toy
     negatives = [b for b in val_bags if b.label == 0][:6]

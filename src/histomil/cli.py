@@ -219,6 +219,7 @@ def predict_cmd(
     on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
     mpp: float = typer.Option(0.5, help="Slides only: tile resolution in micrometres per pixel."),
     slide_mpp: Optional[float] = typer.Option(None, help="Slides only: the scan resolution when the header has none."),
+    precision: str = typer.Option("fp32", help="Bags only: MIL head precision, fp32 or bf16 (about half the CPU time on large bags)."),
 ) -> None:
     """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
 
@@ -236,7 +237,7 @@ def predict_cmd(
         return
 
     with progress_bars() as progress:
-        rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress)
+        rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress, precision)
     n_pos = sum(r["predicted_class"] for r in rows)
     _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
 

@@ -206,6 +206,7 @@ def train(
     plus ``best_epoch`` and ``improved``. ``resume=True`` continues from ``out_dir/last.pt`` when it
     exists (and starts afresh when it does not); a finished run is returned as is.
     """
+    keep_freed_memory()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     in_dim, n_classes = _check_bags(train_bags, val_bags)
@@ -287,13 +288,20 @@ def train(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, bags: Sequence[FeatureBag] | Sequence[np.ndarray], batch_size: int = 16
+    model: nn.Module,
+    bags: Sequence[FeatureBag] | Sequence[np.ndarray],
+    batch_size: int = 16,
+    precision: str = "fp32",
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Class probabilities and tile attention for each bag, in input order.
 
     Runs in eval mode without gradients, in padded batches of similar-size bags. Each attention
     array has the bag's real length (n_tiles,); models without attention give NaNs.
+    ``precision="bf16"`` runs the model under bfloat16 autocast: about half the CPU time on
+    large bags (CPUs with avx512_bf16), probabilities within about 1e-3 of fp32.
     """
+    if precision not in ("fp32", "bf16"):
+        raise HistomilError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
     keep_freed_memory()  # large bags allocate 100s of MB per layer (histomil.runtime)
     feats = [_as_tensor(b.features if isinstance(b, FeatureBag) else b) for b in bags]
     for i, f in enumerate(feats):
@@ -304,7 +312,8 @@ def predict(
     was_training = model.training
     model.eval()
     try:
-        outputs = _forward_all(model, feats, batch_size, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outputs = _forward_all(model, feats, batch_size, device)
     finally:
         model.train(was_training)
     results = []
