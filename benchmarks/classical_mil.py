@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +85,23 @@ def protocol_folds(bags: list[FeatureBag], reps: int, folds: int, first_rep: int
             yield Fold(rep, fold, train_x, y[tr], test_x, y[te], seed=1000 * rep + fold)
 
 
+def _adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+
+
+def _one_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    xs: list[torch.Tensor], targets: list[torch.Tensor], rng: np.random.Generator,
+) -> None:
+    """One pass over the bags in a seeded random order, one bag per Adam step."""
+    model.train()
+    for i in rng.permutation(len(xs)):
+        loss = loss_fn(model, xs[i], targets[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def train_and_test(
     make_model: Callable[[], nn.Module], loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
     predict: Callable[[nn.Module, torch.Tensor], int], train_x: list[torch.Tensor], train_y: np.ndarray,
@@ -98,32 +115,63 @@ def train_and_test(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=5e-4)
+    opt = _adam(model)
     targets = [torch.tensor([int(y)]) for y in train_y]
-    model.train()
     for _ in range(epochs):
-        for i in rng.permutation(len(train_x)):
-            loss = loss_fn(model, train_x[i], targets[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _one_epoch(model, opt, loss_fn, train_x, targets, rng)
     model.eval()
     with torch.no_grad():
         pred = np.array([predict(model, x) for x in test_x])
     return float((pred == test_y).mean())
 
 
+def select_epochs(
+    make_model: Callable[[], nn.Module], loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    train_x: list[torch.Tensor], train_y: np.ndarray, max_epochs: int, patience: int, seed: int,
+) -> int:
+    """The number of epochs chosen INSIDE the training fold: hold out a stratified 20% of its bags, train on
+    the rest and return the epoch with the lowest held-out loss (stopping after ``patience`` epochs without
+    improvement). The test fold plays no part."""
+    inner_tr, inner_va = train_test_split(np.arange(len(train_y)), test_size=0.2, stratify=train_y, random_state=seed)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = make_model()
+    opt = _adam(model)
+    xs, ts = [train_x[i] for i in inner_tr], [torch.tensor([int(train_y[i])]) for i in inner_tr]
+    vx, vt = [train_x[i] for i in inner_va], [torch.tensor([int(train_y[i])]) for i in inner_va]
+    best, best_epoch = math.inf, 1
+    for epoch in range(1, max_epochs + 1):
+        _one_epoch(model, opt, loss_fn, xs, ts, rng)
+        model.eval()
+        with torch.no_grad():
+            val = float(np.mean([float(loss_fn(model, x, t)) for x, t in zip(vx, vt)]))
+        if val < best - 1e-6:
+            best, best_epoch = val, epoch
+        elif epoch - best_epoch >= patience:
+            break
+    return best_epoch
+
+
 def run_fold(
     model_name: str, train_x: list[torch.Tensor], train_y: np.ndarray, test_x: list[torch.Tensor], test_y: np.ndarray,
-    epochs: int, seed: int, dropout: float,
-) -> float:
-    """Train one registry model on one training fold for ``epochs`` epochs; its accuracy on the test fold."""
-    return train_and_test(
-        lambda: build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout),
-        lambda model, x, target: F.cross_entropy(model(x).logits, target),
-        lambda model, x: int(model(x).logits.argmax(-1)),
-        train_x, train_y, test_x, test_y, epochs, seed,
-    )
+    epochs: int, seed: int, dropout: float, select: str = "fixed", max_epochs: int = 100, patience: int = 15,
+) -> tuple[float, int]:
+    """Train one registry model on one training fold; (its accuracy on the test fold, epochs trained).
+
+    ``select="fixed"`` trains ``epochs`` epochs; ``select="inner"`` first chooses the epoch count with
+    :func:`select_epochs` inside the training fold, then trains on the whole training fold for that long.
+    """
+    def make() -> nn.Module:
+        return build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout)
+
+    def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x).logits, target)
+
+    if select == "inner":
+        epochs = select_epochs(make, loss, train_x, train_y, max_epochs, patience, seed)
+    acc = train_and_test(make, loss, lambda model, x: int(model(x).logits.argmax(-1)),
+                         train_x, train_y, test_x, test_y, epochs, seed)
+    return acc, epochs
 
 
 def summarise(rows: list[dict], folds: int) -> list[dict]:
@@ -171,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--select", choices=["fixed", "inner"], default="fixed",
+                   help="fixed: --epochs epochs; inner: choose the epochs on a 20%% split of each training fold")
+    p.add_argument("--max-epochs", type=int, default=100, help="--select inner: most epochs tried")
+    p.add_argument("--patience", type=int, default=15, help="--select inner: epochs without improvement before stopping")
     p.add_argument("--datasets", nargs="+", default=list(DATASETS))
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--threads", type=int, default=1)
@@ -202,10 +254,13 @@ def run_all(a: argparse.Namespace) -> list[dict] | None:
             for f in protocol_folds(bags, a.reps, a.folds, a.first_rep):
                 for m in a.models:
                     t0 = time.perf_counter()
-                    acc = run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed, dropout=a.dropout)
-                    rows.append({"dataset": ds, "model": m, "rep": f.rep, "fold": f.fold, "n_test": len(f.test_y),
-                                 "accuracy": acc, "seconds": round(time.perf_counter() - t0, 3)})
-                    print(f"{ds} {m} rep {f.rep} fold {f.fold}: acc {acc:.3f} ({rows[-1]['seconds']:.1f} s)", flush=True)
+                    acc, epochs = run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed,
+                                           dropout=a.dropout, select=a.select, max_epochs=a.max_epochs, patience=a.patience)
+                    label = m if a.select == "fixed" else f"{m}+inner"
+                    rows.append({"dataset": ds, "model": label, "rep": f.rep, "fold": f.fold, "n_test": len(f.test_y),
+                                 "accuracy": acc, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 3)})
+                    print(f"{ds} {label} rep {f.rep} fold {f.fold}: acc {acc:.3f}, {epochs} epochs "
+                          f"({rows[-1]['seconds']:.1f} s)", flush=True)
     except HistomilError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -224,8 +279,11 @@ def write_outputs(a: argparse.Namespace, rows: list[dict], t_start: float) -> in
     if a.merge:  # the runs' own settings live in their JSON files; only the merge inputs are known here
         settings = {"merged_from": [str(f) for f in a.merge], "folds": a.folds}
     else:
+        selection = ("fixed epochs, no early stopping" if a.select == "fixed" else
+                     "epochs chosen per training fold: lowest loss on a stratified 20% inner split (max "
+                     f"{a.max_epochs}, patience {a.patience}), then retrained on the whole training fold")
         settings.update(optimizer="Adam lr 5e-4 betas (0.9, 0.999) weight_decay 5e-4", batch="1 bag",
-                        selection="fixed epochs, no early stopping, test fold unseen until the end")
+                        selection=selection + "; test fold unseen until the end")
     write_json(a.out / "classical_mil.json", {"settings": settings, "machine": machine(), "summary": summary,
                                                "total_seconds": round(time.perf_counter() - t_start, 1)})
     write_text(a.out / "classical_mil.md", markdown(summary, a.datasets))

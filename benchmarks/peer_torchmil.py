@@ -346,7 +346,7 @@ def run_accuracy(a: argparse.Namespace, rows: list[dict], on_progress: Callable[
 
                 def do(lib: str, m: str = m, f: Any = f, res: dict = res) -> None:
                     t0 = time.perf_counter()
-                    acc = (run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed, dropout=0.0)
+                    acc = (run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed, dropout=0.0)[0]
                            if lib == "ours" else theirs_fold(m, f, a.epochs))
                     res[f"{lib}_accuracy"], res[f"{lib}_seconds"] = acc, round(time.perf_counter() - t0, 3)
 

@@ -12,7 +12,7 @@ Three parts, all in this process, with ``--threads`` intra-op torch threads (rec
      at ``--batch-size``, per precision (bf16, fp32);
    * ``pipeline``: :func:`histomil.features.extract.extract_bags`, what ``histomil features
      extract`` calls, from files to feature files: hash every tile, decode in ``--workers``
-     DataLoader worker(s) while the main process encodes, write the cache shards and one HDF5 file
+     background thread(s) while the main thread encodes, write the cache shards and one HDF5 file
      per bag of 40 tiles, into a fresh folder (empty cache) each pass. Building the encoder and
      listing the bags (one-off setup) are not timed.
 
@@ -370,7 +370,7 @@ def markdown(result: dict[str, Any]) -> str:
     if ex:
         out.append(f"## Feature extraction, tiles/s\n\n{ex['n_tiles']} EBHI JPEG tiles "
                    f"({' / '.join('x'.join(map(str, t[:2])) for t in ex['tile_shapes'])} px), EfficientNet-Lite0 "
-                   f"(channels_last), batch {s['batch_size']}, {s['workers']} decode worker(s), pipeline into "
+                   f"(channels_last), batch {s['batch_size']}, {s['workers']} decode thread(s), pipeline into "
                    f"{ex['n_bags']} bag(s) of up to {BAG_SIZE}; median of {s['repeats']} passes after a warm-up.\n")
         out.append("| precision | decode | encode | full pipeline | pipeline / slower stage | hash (pipeline step 1) |")
         out.append("|---|---:|---:|---:|---:|---:|")
@@ -382,7 +382,7 @@ def markdown(result: dict[str, Any]) -> str:
                    "full pipeline: `extract_bags` (what `histomil features extract` runs), files to feature files, "
                    "empty cache. hash: `tile_digests` alone.\n")
         out.append("CPU seconds per 1,000 tiles, user + system (system share), this process and its decode "
-                   "worker(s): steadier than wall time when other jobs share the cores.\n")
+                   "worker(s) if any: steadier than wall time when other jobs share the cores.\n")
         out.append("| precision | decode | encode | full pipeline |")
         out.append("|---|---:|---:|---:|")
         for r in ex["rows"]:
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="tiny smoke run: 16 tiles, 2 models, 1 pixel bag of 4 tiles, bf16 only; numbers meaningless")
     p.add_argument("--tiles", type=int, default=None, help="tiles for feature extraction (default 512; quick 16)")
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch (default 64, the CLI default; quick 8)")
-    p.add_argument("--workers", type=int, default=1, help="pipeline decode workers (the CLI default)")
+    p.add_argument("--workers", type=int, default=1, help="pipeline decode threads (the CLI default)")
     p.add_argument("--precisions", nargs="+", choices=["bf16", "fp32"], default=None,
                    help="encoder precisions, extraction and pixels (default bf16 fp32; quick bf16)")
     p.add_argument("--repeats", type=int, default=None, help="extraction passes, median (default 3; quick 1)")

@@ -117,7 +117,7 @@ def features_extract(
     encoder: str = typer.Option("efficientnet_lite0", help="Tile encoder."),
     precision: str = typer.Option("bf16", help="fp32 or bf16 (CPU autocast; about 2x faster, features within 1%)."),
     batch_size: int = typer.Option(64, help="Tiles per encoder batch."),
-    workers: int = typer.Option(1, help="Decoding worker processes (decoding overlaps encoding)."),
+    workers: int = typer.Option(1, help="Decoding threads (decoding overlaps encoding); 0 decodes in the main thread."),
     cache: Optional[Path] = typer.Option(None, help="Tile feature cache folder (default OUT/cache)."),
     on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
     overwrite: bool = typer.Option(False, help="Re-write feature files that already exist."),
