@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,26 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
     }
+
+
+def size_cells(rows: list[dict], key: str, name: str, mode: str, sizes: list[int], ok: Callable[[dict], str]) -> list[str]:
+    """One row of a bag-size table: ``ok(row)`` where the (name, mode, N) measurement succeeded, its
+    status where it was skipped or failed, and a dash where there is none."""
+    cells = []
+    for n in sizes:
+        r = next((r for r in rows if r[key] == name and r["mode"] == mode and r["n"] == n), None)
+        cells.append("—" if r is None else ok(r) if r["status"] == "ok" else str(r["status"]))
+    return cells
+
+
+def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One histomil training step on bag ``x``: forward (labels go to models that take them), the
+    trainer's bag loss, backward, optimizer step."""
+    from histomil.training.trainer import bag_loss, takes_labels
+
+    model.train()
+    out = model(x, None, y=y) if takes_labels(model) else model(x)
+    loss = bag_loss(out, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()

@@ -55,12 +55,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from classical_mil import DATASETS, protocol_folds, run_fold, summarise, train_and_test
-from common import machine, write_json, write_text
+from common import machine, size_cells, training_step, write_json, write_text
 
 from histomil.data.mil_csv import load_mil_csv
 from histomil.errors import HistomilError
 from histomil.models.registry import build_model
-from histomil.training.trainer import bag_loss, takes_labels
 
 SIZES = (100, 1_000, 10_000)
 DIM = 1280
@@ -214,7 +213,6 @@ def n_params(model: nn.Module) -> int:
 def ours_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], None]]:
     """histomil: ``infer`` and ``train`` (forward, :func:`bag_loss`, backward, Adam step) on bag ``x``."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    labels_in = takes_labels(model)
 
     def infer() -> None:
         model.eval()
@@ -222,12 +220,7 @@ def ours_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, 
             model(x)
 
     def train() -> None:
-        model.train()
-        out = model(x, None, y=y) if labels_in else model(x)
-        loss = bag_loss(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        training_step(model, opt, x, y)
 
     return {"infer": infer, "train": train}
 
@@ -412,15 +405,8 @@ def markdown(rows: list[dict], models: list[dict], acc_summary: list[dict], sett
             out.append("| model | " + " | ".join(f"N={n:,}" for n in sizes) + " |")
             out.append("|---|" + "---|" * len(sizes))
             for m in dict.fromkeys(r["pair"] for r in speed if r["mode"] == mode):
-                cells = []
-                for n in sizes:
-                    r = next((r for r in speed if r["pair"] == m and r["mode"] == mode and r["n"] == n), None)
-                    if r is None:
-                        cells.append("—")
-                    elif r["status"] == "ok":
-                        cells.append(f"{r['ours_seconds']:.3g} / {r['theirs_seconds']:.3g} (**{r['ratio']:.2f}**)")
-                    else:
-                        cells.append(str(r["status"]))
+                cells = size_cells(speed, "pair", m, mode, sizes,
+                                   lambda r: f"{r['ours_seconds']:.3g} / {r['theirs_seconds']:.3g} (**{r['ratio']:.2f}**)")
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
             out.append("")
     if acc_summary:

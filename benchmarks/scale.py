@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json, write_text
+from common import machine, size_cells, training_step, write_json, write_text
 
 SIZES = (100, 1_000, 10_000, 100_000)
 MODES = ("infer", "infer_bf16", "train")
@@ -62,7 +62,7 @@ def worker(model_name: str, n: int, mode: str, threads: int, dim: int) -> dict:
 
     from histomil.models.registry import build_model
     from histomil.runtime import keep_freed_memory
-    from histomil.training.trainer import bag_loss, predict, takes_labels
+    from histomil.training.trainer import predict
 
     keep_freed_memory()
     torch.set_num_threads(threads)
@@ -71,18 +71,12 @@ def worker(model_name: str, n: int, mode: str, threads: int, dim: int) -> dict:
     x = torch.randn(1, n, dim)
     y = torch.tensor([1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-4) if mode == "train" else None
-    labels_in = takes_labels(model)
 
     def call() -> None:
         if mode.startswith("infer"):
             predict(model, [x[0]], precision="bf16" if mode == "infer_bf16" else "fp32")
         else:
-            model.train()
-            out = model(x, None, y=y) if labels_in else model(x)
-            loss = bag_loss(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            training_step(model, opt, x, y)
 
     base = _maxrss_mb()
     t0 = time.perf_counter()
@@ -165,15 +159,7 @@ def markdown(rows: list[dict], sl: dict[str, dict[str, float]]) -> str:
         out.append("| model | " + " | ".join(f"N={n:,}" for n in sizes) + " | log-log slope (N>=1000) |")
         out.append("|---|" + "---|" * (len(sizes) + 1))
         for m in dict.fromkeys(r["model"] for r in rows if r["mode"] == mode):
-            cells = []
-            for n in sizes:
-                r = next((r for r in rows if r["model"] == m and r["mode"] == mode and r["n"] == n), None)
-                if r is None:
-                    cells.append("—")
-                elif r["status"] == "ok":
-                    cells.append(f"{r['seconds']:.3g} s ({r['delta_mb']:.0f})")
-                else:
-                    cells.append(str(r["status"]))
+            cells = size_cells(rows, "model", m, mode, sizes, lambda r: f"{r['seconds']:.3g} s ({r['delta_mb']:.0f})")
             slope = sl.get(m, {}).get(mode)
             out.append(f"| {m} | " + " | ".join(cells) + f" | {slope if slope is not None else '—'} |")
         out.append("")
