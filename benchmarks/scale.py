@@ -131,10 +131,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, mode in zip(axes, modes):
-        for m in dict.fromkeys(r["model"] for r in rows):
+        for k, m in enumerate(dict.fromkeys(r["model"] for r in rows)):
             pts = [(r["n"], r["seconds"]) for r in rows if r["model"] == m and r["mode"] == mode and r["status"] == "ok"]
-            if pts:
-                ax.loglog(*zip(*pts), marker="o", label=m)
+            if pts:  # tab20 and alternating line styles: 11+ models stay distinguishable
+                ax.loglog(*zip(*pts), marker="o", label=m, color=plt.cm.tab20(k % 20), linestyle=("-", "--")[k % 2])
         ax.set_title(MODE_TITLES[mode])
         ax.set_xlabel("instances per bag")
         ax.grid(True, which="both", alpha=0.3)
@@ -166,7 +166,7 @@ def markdown(rows: list[dict], sl: dict[str, dict[str, float]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_outputs(a: argparse.Namespace, rows: list[dict], t_start: float) -> None:
+def write_outputs(a: argparse.Namespace, rows: list[dict], t_start: float, host: dict | None = None) -> None:
     """(Re)write scale.csv, scale.json and scale.png from the rows so far (after every model/mode)."""
     a.out.mkdir(parents=True, exist_ok=True)
     fields = ["model", "mode", "n", "threads", "status", "seconds", "cold_seconds", "peak_mb", "delta_mb"]
@@ -178,7 +178,7 @@ def write_outputs(a: argparse.Namespace, rows: list[dict], t_start: float) -> No
     sl = slopes(rows)
     write_json(a.out / "scale.json", {"settings": {"sizes": sorted(a.sizes), "dim": a.dim, "threads": a.threads,
                                                    "max_seconds": a.max_seconds, "max_gb": a.max_gb},
-                                      "machine": machine(), "rows": rows, "loglog_slopes_n_ge_1000": sl,
+                                      "machine": host or machine(), "rows": rows, "loglog_slopes_n_ge_1000": sl,
                                       "total_seconds": round(time.perf_counter() - t_start, 1)})
     plot(rows, a.out / "scale.png")
     write_text(a.out / "scale.md", markdown(rows, sl))
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         data = json.loads(a.from_json.read_text())
         for key, value in data["settings"].items():
             setattr(a, key, value)
-        write_outputs(a, data["rows"], time.perf_counter() - data.get("total_seconds", 0.0))
+        write_outputs(a, data["rows"], time.perf_counter() - data.get("total_seconds", 0.0), data.get("machine"))
         return 0
     from histomil.models.registry import model_names
 
