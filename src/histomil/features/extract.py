@@ -3,8 +3,8 @@
 Decoding runs in background threads while the main thread encodes, so the two overlap (the JPEG
 decoder and torch both release the GIL). Threads, not worker processes: on a 2-core machine a forked
 decoding process cost a third of the pipeline's speed in copy-on-write page faults and pickling
-(``benchmarks/throughput.py``: 114 tiles/s with a process, 171 decoding in the main thread, encode
-alone 190).
+(``benchmarks/throughput.py``, bf16: 114 tiles/s with one decoding process, 171 decoding in the main
+thread, 180 with one decoding thread; the encoder alone 190).
 Each distinct tile (by content hash) is encoded once through :class:`FeatureCache`; memory holds
 one batch of pixels at a time and does not grow with the number of bags. Bags whose feature file
 already exists are skipped, so an interrupted run resumes where it stopped.
