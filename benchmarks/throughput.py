@@ -274,11 +274,15 @@ def bench_features(a: argparse.Namespace, models: list[str], log: Callable[[str]
 
 
 def pixel_configs(a: argparse.Namespace) -> list[dict[str, Any]]:
+    """EfficientNet-Lite0 at 224 px with each ``--pixel-heads`` head and ``--finetune`` mode, and the original
+    CNN at 256 px (its own concatenation head), at each precision."""
     out = []
     for precision in a.precisions:
-        for finetune in a.finetune:
-            out.append({"backbone": "efficientnet_lite0", "tile_px": 224, "finetune": finetune, "precision": precision})
-        out.append({"backbone": "original", "tile_px": 256, "finetune": "all", "precision": precision})
+        for head in a.pixel_heads:
+            for finetune in a.finetune:
+                out.append({"backbone": "efficientnet_lite0", "tile_px": 224, "head": head, "finetune": finetune,
+                            "precision": precision})
+        out.append({"backbone": "original", "tile_px": 256, "head": None, "finetune": "all", "precision": precision})
     return out
 
 
@@ -322,9 +326,10 @@ def bench_pixels(a: argparse.Namespace, paths: list[Path], log: Callable[[str], 
     infer_done: dict[tuple, dict[str, Any]] = {}
     for spec in pixel_configs(a):
         kwargs = {"bag_size": a.pixel_tiles} if spec["backbone"] == "original" else {}
+        head_name = {"model": spec["head"]} if spec["head"] else {}
         config = PixelTrainConfig(backbone=spec["backbone"], finetune=spec["finetune"], precision=spec["precision"],
                                   input_size=spec["tile_px"], model_kwargs=kwargs, num_workers=1,
-                                  seed=a.seed).resolved()
+                                  seed=a.seed, **head_name).resolved()
         torch.manual_seed(a.seed)
         model = build_pixel_model(config, 2, spec["tile_px"])
         row: dict[str, Any] = {**spec, "head": config.model, "tiles_per_bag": a.pixel_tiles,
@@ -332,7 +337,7 @@ def bench_pixels(a: argparse.Namespace, paths: list[Path], log: Callable[[str], 
                                "augment_p": config.augment_p,
                                "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-        key = (spec["backbone"], spec["tile_px"], spec["precision"])
+        key = (spec["backbone"], spec["tile_px"], spec["precision"], config.model)
         if key not in infer_done:
             stamps = Stamps()
             predict_pixels(model, bags, num_workers=1, progress=stamps)
@@ -413,7 +418,7 @@ def markdown(result: dict[str, Any]) -> str:
     if pix:
         out.append(f"## End to end from pixels, bags/s\n\nBags of {s['pixel_tiles']} EBHI tiles read from files, one "
                    f"bag per step; rate over {s['pixel_bags']} bag(s) after a warm-up bag (seconds per bag in "
-                   "brackets). Inference does not depend on finetune (measured once per backbone and precision). "
+                   "brackets). Inference does not depend on finetune (measured once per backbone, head and precision). "
                    "load: read + augment + preprocess one bag in one process (done in a worker, overlapped).\n")
         out.append("| backbone | tile px | head | finetune | precision | infer | train | load s/bag |")
         out.append("|---|---:|---|---|---|---:|---:|---:|")
@@ -447,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--feature-bags", type=int, default=None, help="bags per pass on cached features (default 64; quick 16)")
     p.add_argument("--min-seconds", type=float, default=None, help="time per cached-feature measurement (default 1; quick 0)")
+    p.add_argument("--pixel-heads", nargs="+", default=["gated_abmil"],
+                   help="MIL heads on the EfficientNet-Lite0 pixel model (default gated_abmil, the trainer's)")
     p.add_argument("--finetune", nargs="+", choices=["none", "last_blocks", "all"], default=["none", "all"],
                    help="EfficientNet-Lite0 finetune modes from pixels")
     p.add_argument("--pixel-bags", type=int, default=None, help="timed pixel bags per config, after one warm-up bag (default 3; quick 1)")
