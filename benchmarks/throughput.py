@@ -349,10 +349,7 @@ def bench_pixels(a: argparse.Namespace, paths: list[Path], log: Callable[[str], 
             log(f"pixels {spec['backbone']} {spec['tile_px']}px {spec['precision']} infer: {bps:.3g} bags/s")
         row.update(infer_done[key])
 
-        head = [p for p in model.head.parameters() if p.requires_grad]
-        enc = [p for p in model.encoder.parameters() if p.requires_grad]
-        groups = [{"params": head, "lr": config.lr}] + ([{"params": enc, "lr": config.encoder_lr}] if enc else [])
-        optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)  # as train_pixels
+        optimizer = pixels.pixel_optimizer(model, config)  # what train_pixels uses
         stamps = Stamps()
         # the trainer shuffles the bags; the first one to finish is the warm-up whichever it is
         pixels._train_epoch(model, optimizer, bags, y, config, np.random.default_rng(a.seed), device, stamps)

@@ -366,6 +366,16 @@ def _iter_bags(tasks: list[_Task], prep: TilePrep, augment_p: float, num_workers
 # --- training ----------------------------------------------------------------------------
 
 
+def pixel_optimizer(model: PixelMIL, config: PixelTrainConfig) -> torch.optim.Optimizer:
+    """Adam over the trainable weights: the head at ``config.lr``, the encoder's at ``config.encoder_lr``."""
+    head_params = [p for p in model.head.parameters() if p.requires_grad]
+    enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    groups = [{"params": head_params, "lr": config.lr}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": config.encoder_lr})
+    return torch.optim.Adam(groups, weight_decay=config.weight_decay)
+
+
 def train_pixels(
     train_bags: Sequence[Bag],
     val_bags: Sequence[Bag],
@@ -394,12 +404,7 @@ def train_pixels(
 
     with _seeded(device, config.seed, config.threads):
         model = build_pixel_model(config, n_classes, input_size).to(device)
-        head_params = [p for p in model.head.parameters() if p.requires_grad]
-        enc_params = [p for p in model.encoder.parameters() if p.requires_grad]
-        groups = [{"params": head_params, "lr": config.lr}]
-        if enc_params:
-            groups.append({"params": enc_params, "lr": config.encoder_lr})
-        optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        optimizer = pixel_optimizer(model, config)
         rng = np.random.default_rng(config.seed)
         y_train_t = torch.from_numpy(y_train).to(device)
         state = _State()
