@@ -32,6 +32,7 @@ from histomil.slides.heatmap import (
     write_geojson,
     write_slide_heatmap,
 )
+from histomil.hardware import cpu_name, resolve_precision
 from histomil.training.checkpoint import save_checkpoint
 
 CMU = "wsi/CMU-1-Small-Region.svs"
@@ -259,7 +260,9 @@ def test_predict_real_slide_with_checkpoint_encoder(shared_data: Path, tmp_path:
     row = rows[0]
     assert row["slide"] == "CMU-1-Small-Region" and 6 <= row["n_tiles"] <= 24 and 0 <= row["prob_positive"] <= 1
     bag = read_feature_bag(tmp_path / "out" / row["features"])
-    assert bag.attrs["encoder"] == "efficientnet_lite0" and bag.attrs["precision"] == "bf16"
+    # the checkpoint's features were bf16, but prediction runs in what this machine computes fast
+    assert bag.attrs["encoder"] == "efficientnet_lite0" and bag.attrs["precision"] == resolve_precision("auto")
+    assert bag.attrs["device_name"] == cpu_name() and bag.attrs["bf16"] in ("native", "emulated")
     geo = json.loads((tmp_path / "out" / row["geojson"]).read_text())
     x, y = (int(v) for v in row["top_tiles"].split(";")[0].split("_"))
     top = next(f for f in geo["features"] if f["properties"]["rank"] == 1)

@@ -39,7 +39,8 @@ class TileColumns(_Strict):
 
 class FeatureConfig(_Strict):
     encoder: str = "efficientnet_lite0"
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere (histomil.hardware)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     batch_size: int = 64
     workers: int = 1
@@ -132,7 +133,7 @@ def run_study(
     def fit() -> object:
         train_bags = load_feature_dataset(feat_dir / "train", require_labels=True)
         val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
-        encoder_info = {**train_bags[0].attrs, "precision": cfg.features.precision}
+        encoder_info = dict(train_bags[0].attrs)  # encoder, resolved precision and hardware (from extraction)
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), cfg.train.epochs)) if progress else None
         return train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch, resume=True)
 

@@ -7,6 +7,7 @@ here, which opens one bar per stage name the first time that stage reports.
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -54,13 +55,20 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
         yield update
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Show a warning as one ``warning:`` line on stderr (no file name, no source line)."""
+    err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn HistomilError into a one-line message and exit status 2."""
+    """Turn HistomilError into a one-line message and exit status 2; warnings become one line each."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
         except HistomilError as exc:
             err_console.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from histomil.errors import HistomilError
+from histomil.hardware import PRECISIONS
 from histomil.ui import log, progress_bars, user_errors
 
 # ---------------------------------------------------------------------------- shared options
@@ -31,6 +32,7 @@ MinTissueOpt = Annotated[float, typer.Option("--min-tissue", help="Keep tiles at
 OnBadSlideOpt = Annotated[str, typer.Option("--on-bad-slide", help="'error' stops at a bad slide; 'skip' lists it and goes on.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tiles per encoder batch.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Tile-reading worker processes (reading overlaps encoding).")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="Encoder precision: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16.")]
 ScaleOpt = Annotated[str, typer.Option("--scale", help="Heatmap colours: 'rank' (percentile among tiles) or 'linear'.")]
 CoordsOpt = Annotated[
     Path | None,
@@ -106,7 +108,7 @@ def slide_features_cmd(
     slides: SlidesArg,
     out: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>.h5 feature file per slide.")],
     encoder: Annotated[str, typer.Option("--encoder", help="Tile encoder.")] = "efficientnet_lite0",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or bf16 (CPU autocast, about 2x faster).")] = "bf16",
+    precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
     tile_size: TileSizeOpt = 224,
@@ -123,7 +125,7 @@ def slide_features_cmd(
     from histomil.features.encoders import build_encoder
     from histomil.slides.features import extract_slide_features
 
-    _check_choice("--precision", precision, ("fp32", "bf16"))
+    _check_choice("--precision", precision, PRECISIONS)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     enc = build_encoder(encoder, precision=precision, channels_last=True)
@@ -152,17 +154,20 @@ def heatmap_cmd(
     coords: CoordsOpt = None,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON)."""
     from histomil.slides.heatmap import SCALES, predict_slides
 
     _check_choice("--scale", scale, SCALES)
+    _check_choice("--precision", precision, PRECISIONS)
     if slide.is_dir():
         raise HistomilError(f"{slide}: is a folder; heatmap takes one slide file (use 'histomil predict' for a folder)")
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     with progress_bars() as progress:
         rows = predict_slides(model, [slide], out, spec, coords_dir=coords, scale=scale,  # type: ignore[arg-type]
-                              batch_size=batch_size, num_workers=workers, log=log, progress=progress)
+                              precision=precision, batch_size=batch_size, num_workers=workers, log=log,
+                              progress=progress)
     row = rows[0]
     log(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
         f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
@@ -191,12 +196,14 @@ def predict_slides_cmd(
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
     on_bad_slide: OnBadSlideOpt = "error",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Predict unlabelled slides: tile, encode with the model's encoder, predict; CSV plus heatmaps."""
     from histomil.slides.heatmap import SCALES, predict_slides
 
     _check_choice("--scale", scale, SCALES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    _check_choice("--precision", precision, PRECISIONS)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     out = Path(out)
     csv_path = None
@@ -205,7 +212,7 @@ def predict_slides_cmd(
     with progress_bars() as progress:
         rows = predict_slides(model, slides, out, spec, csv_path=csv_path, coords_dir=coords, top_k=top_k,
                               threshold=threshold, scale=scale, heatmaps=heatmaps,  # type: ignore[arg-type]
-                              batch_size=batch_size, num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
+                              precision=precision, batch_size=batch_size, num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
                               log=log, progress=progress)
     done = [r for r in rows if r["predicted_class"] != ""]
     n_pos = sum(int(r["predicted_class"]) == 1 for r in done)

@@ -15,6 +15,7 @@ from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import extract_bags
 from histomil.features.store import load_feature_dataset
+from histomil.hardware import resolve_precision
 from histomil.reports.tables import write_text
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import predict
@@ -27,15 +28,17 @@ def features_for_source(
     on_bad_tile: str = "error",
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    precision: str = "auto",
 ) -> Path:
-    """A feature folder for ``source``: itself if it holds feature files, else extracted into ``work_dir``."""
+    """A feature folder for ``source``: itself if it holds feature files, else extracted into ``work_dir``
+    with the model's encoder in ``precision`` (``auto``: bf16 where this machine computes it natively)."""
     if source.is_dir() and any(source.glob("*.h5")):
         return source
     bags = load_bags(source, require_labels=False, on_bad_tile=on_bad_tile, log=log)
     name = encoder_info.get("name")
     if not name:
         raise HistomilError(f"{source}: the model does not record its encoder; pass a feature folder instead")
-    encoder = build_encoder(name, precision=encoder_info.get("precision", "fp32"), channels_last=True)
+    encoder = build_encoder(name, precision=precision, channels_last=True)
     feat_dir = work_dir / "features"
     cache = FeatureCache.for_encoder(work_dir / "cache", encoder)
     extract_bags(bags, feat_dir, encoder, cache, on_bad_tile=on_bad_tile, log=log, progress=progress)
@@ -51,17 +54,23 @@ def predict_source(
     on_bad_tile: str = "error",
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> list[dict]:
     """Write one CSV row per bag: probability, predicted class and its highest-attention tiles.
 
-    ``precision`` is the MIL head's (``bf16`` halves CPU time on large bags, see ``trainer.predict``).
+    ``precision`` is that of the encoder (image bags) and the MIL head: ``auto`` resolves to bf16 where
+    this machine computes it natively (half the head's CPU time on large bags), else fp32.
     """
+    try:
+        precision = resolve_precision(precision, "cpu")
+    except ValueError as exc:
+        raise HistomilError(str(exc)) from None
     model, meta = load_checkpoint(checkpoint)
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else threshold
     out_csv = Path(out_csv)
     feat_dir = features_for_source(
-        Path(source), meta.get("encoder_info") or {}, out_csv.parent / f".{out_csv.stem}-work", on_bad_tile, log, progress
+        Path(source), meta.get("encoder_info") or {}, out_csv.parent / f".{out_csv.stem}-work", on_bad_tile, log, progress,
+        precision,
     )
     bags = load_feature_dataset(feat_dir)
     preds = predict(model, bags, precision=precision)

@@ -477,7 +477,7 @@ def _run_fold(
     on_epoch = (lambda row: run.progress("training epochs", int(row["epoch"]), train_cfg.epochs)) if run.progress else None
     result = train(
         train_bags, val_bags, train_cfg, model_dir,
-        encoder_info={**train_bags[0].attrs, "precision": cfg.features.precision}, on_epoch=on_epoch, resume=True,
+        encoder_info=dict(train_bags[0].attrs), on_epoch=on_epoch, resume=True,
     )
     timings["train"] = round(time.perf_counter() - t0, 2)
     del train_bags

@@ -18,9 +18,10 @@ from torch import nn
 
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
+from histomil.hardware import device_description, resolve_precision
 from histomil.runtime import keep_freed_memory
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # what a TileEncoder runs in; build_encoder also takes "auto"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,13 @@ class TileEncoder(nn.Module):
             feats = self.backbone.forward_features(x)
         return feats.float()
 
+    def feature_attrs(self) -> dict[str, Any]:
+        """What every feature file made by this encoder records: the encoder info, the precision it ran
+        in and the hardware it ran on (features in bf16 differ slightly between CPU kinds)."""
+        device = self._mean.device
+        return {**self.info.to_dict(), "encoder": self.info.name, "precision": self.precision,
+                **device_description(device)}
+
     @torch.no_grad()
     def encode(self, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 tiles (B, H, W, 3) -> (B, dim) float32 embeddings, computed in eval mode."""
@@ -153,11 +161,19 @@ ENCODERS: dict[str, Callable[..., TileEncoder]] = {
 def build_encoder(
     name: str = "efficientnet_lite0",
     pretrained: bool = True,
-    precision: str = "fp32",
+    precision: str = "auto",
     channels_last: bool = False,
 ) -> TileEncoder:
-    """Build a registered encoder by name (in eval mode)."""
+    """Build a registered encoder by name (in eval mode, on the CPU).
+
+    ``precision="auto"`` is bf16 where the CPU computes it natively and fp32 elsewhere
+    (:func:`histomil.hardware.resolve_precision`); the encoder's ``precision`` is the resolved one.
+    """
     factory = ENCODERS.get(name)
     if factory is None:
         raise HistomilError(f"unknown encoder {name!r}; known encoders: {', '.join(sorted(ENCODERS))}")
-    return factory(pretrained=pretrained, precision=precision, channels_last=channels_last)
+    try:
+        resolved = resolve_precision(precision, "cpu")
+    except ValueError as exc:
+        raise HistomilError(str(exc)) from None
+    return factory(pretrained=pretrained, precision=resolved, channels_last=channels_last)

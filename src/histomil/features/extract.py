@@ -138,14 +138,16 @@ def encode_into_cache(
     return bad
 
 
-def _existing_ok(path: Path, n_tiles_max: int, encoder_name: str) -> bool:
+def _existing_ok(path: Path, n_tiles_max: int, attrs: dict) -> bool:
+    """Whether a feature file already written can be kept: same encoder and precision, plausible size."""
     if not path.exists():
         return False
     try:
         fb = read_feature_bag(path)
     except HistomilError:
         return False
-    return fb.attrs.get("encoder") == encoder_name and 0 < len(fb) <= n_tiles_max
+    same_precision = fb.attrs.get("precision", attrs.get("precision")) == attrs.get("precision")
+    return fb.attrs.get("encoder") == attrs["encoder"] and same_precision and 0 < len(fb) <= n_tiles_max
 
 
 def extract_bags(
@@ -166,9 +168,10 @@ def extract_bags(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = encoder.info
+    attrs = encoder.feature_attrs() if hasattr(encoder, "feature_attrs") else {**info.to_dict(), "encoder": info.name}
     summary = ExtractionSummary(n_bags=len(bags))
     todo = [
-        b for b in bags if overwrite or not _existing_ok(out_dir / f"{b.bag_id}.h5", len(b.tile_paths), info.name)
+        b for b in bags if overwrite or not _existing_ok(out_dir / f"{b.bag_id}.h5", len(b.tile_paths), attrs)
     ]
     summary.n_skipped_existing = len(bags) - len(todo)
     all_paths = [str(p) for b in todo for p in b.tile_paths]
@@ -186,7 +189,6 @@ def extract_bags(
         )
     )
     summary.bad_tiles = sorted(first_path[k] for k in bad_keys)
-    attrs = {**info.to_dict(), "encoder": info.name}
     for i, bag in enumerate(todo):
         paths = [str(p) for p in bag.tile_paths if digests[str(p)] not in bad_keys]
         if not paths:

@@ -332,7 +332,7 @@ def predict_slides(
     scale: Scale = "rank",
     heatmaps: bool = True,
     encoder: torch.nn.Module | None = None,
-    precision: str | None = None,
+    precision: str = "auto",
     batch_size: int = 64,
     num_workers: int = 1,
     on_bad_slide: Literal["error", "skip"] = "error",
@@ -347,7 +347,8 @@ def predict_slides(
     (level-0 ``x_y`` of the ``top_k`` highest-scoring tiles), ``top_scores``, ``score``, ``heatmap``,
     ``geojson``, ``features``, ``error`` (why a skipped slide has no prediction).
 
-    The encoder is the one named in the checkpoint (``precision`` default: the checkpoint's);
+    The encoder is the one named in the checkpoint, run in ``precision`` (``auto``: bf16 where this
+    machine computes it natively, else fp32; see :mod:`histomil.hardware`);
     pass ``encoder`` to use an already-built one (it must match the checkpoint).
     """
     from histomil.features.encoders import build_encoder
@@ -365,7 +366,7 @@ def predict_slides(
     if encoder is None:
         if not info.get("name"):
             raise HistomilError(f"{checkpoint}: the model does not record its encoder, so slides cannot be encoded for it")
-        encoder = build_encoder(str(info["name"]), precision=precision or str(info.get("precision", "fp32")),
+        encoder = build_encoder(str(info["name"]), precision=precision,
                                 channels_last=True)
     check_encoder(checkpoint, meta, encoder)
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else float(threshold)
