@@ -50,6 +50,24 @@ def test_classical_mil_quick_on_musk1(classical, shared_data, tmp_path, one_thre
     assert [s["accuracy_mean"] for s in again] == pytest.approx([s["accuracy_mean"] for s in summary])
 
 
+def test_classical_mil_takes_a_data_set_outside_the_published_table(classical, shared_data, tmp_path, one_thread):
+    """Any MIL CSV works: the summary is written even though the paper has no row for it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mydata.csv").write_bytes((shared_data / "mil" / "musk1.csv").read_bytes())
+    rc = classical.main(["--data", str(data), "--out", str(tmp_path / "o"), "--quick", "--datasets", "mydata",
+                         "--models", "abmil_small"])
+    assert rc == 0
+    table = (tmp_path / "o" / "classical_mil.md").read_text()
+    assert "| histomil abmil_small (ours) | 1 x 2-fold |" in table and "Ilse et al." not in table
+    # beside a published data set, the other one's published cells are "—"
+    (data / "musk1.csv").write_bytes((shared_data / "mil" / "musk1.csv").read_bytes())
+    rc = classical.main(["--data", str(data), "--out", str(tmp_path / "p"), "--quick", "--datasets", "musk1", "mydata",
+                         "--models", "abmil_small"])
+    assert rc == 0
+    assert "| Ilse et al. attention | 5 x 10-fold | 0.892 | — |" in (tmp_path / "p" / "classical_mil.md").read_text()
+
+
 def test_classical_mil_inner_selection_chooses_epochs_inside_the_training_fold(classical, shared_data, tmp_path, one_thread):
     rc = classical.main(["--data", str(shared_data / "mil"), "--out", str(tmp_path), "--quick", "--datasets", "musk1",
                          "--models", "abmil_small", "--select", "inner", "--max-epochs", "4", "--patience", "2"])
