@@ -117,6 +117,7 @@ def features_extract(
     labels: Optional[Path] = typer.Option(None, help="Labels CSV for a bag root (default root/labels.csv or df.csv)."),
     encoder: str = typer.Option("efficientnet_lite0", help="Tile encoder."),
     precision: str = typer.Option("auto", help="auto (default: bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
+    runtime: str = typer.Option("auto", help="What runs the encoder: auto (OpenVINO for fp32 on the CPU when installed, else torch), torch, openvino or onnxruntime."),
     batch_size: int = typer.Option(64, help="Tiles per encoder batch."),
     workers: int = typer.Option(1, help="Decoding threads (decoding overlaps encoding); 0 decodes in the main thread."),
     cache: Optional[Path] = typer.Option(None, help="Tile feature cache folder (default OUT/cache)."),
@@ -128,17 +129,21 @@ def features_extract(
     from histomil.features.cache import FeatureCache
     from histomil.features.encoders import build_encoder
     from histomil.features.extract import copy_sidecars, extract_bags
+    from histomil.features.runtimes import RUNTIMES, with_runtime
     from histomil.pipeline import FeatureConfig, extract_study
 
     if precision not in PRECISIONS:
         raise HistomilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if runtime not in RUNTIMES:
+        raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     with progress_bars() as progress:
         if (source / "study.json").is_file():
-            cfg = FeatureConfig(encoder=encoder, precision=precision, batch_size=batch_size, workers=workers, on_bad_tile=on_bad_tile)
+            cfg = FeatureConfig(encoder=encoder, precision=precision, runtime=runtime, batch_size=batch_size, workers=workers,
+                                on_bad_tile=on_bad_tile)
             summaries = extract_study(source, out, cfg, cache, log=_log, progress=progress)
         else:
             bags = load_bags(source, labels, require_labels=False, on_bad_tile=on_bad_tile, log=_log)
-            enc = build_encoder(encoder, precision=precision, channels_last=True)
+            enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
             fc = FeatureCache.for_encoder(cache or out / "cache", enc)
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
             if source.is_dir():

@@ -21,6 +21,7 @@ from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import copy_sidecars, extract_bags
+from histomil.features.runtimes import with_runtime
 from histomil.features.store import load_feature_dataset
 from histomil.reports.tables import write_json
 from histomil.training.trainer import TrainConfig, train
@@ -41,6 +42,8 @@ class FeatureConfig(_Strict):
     encoder: str = "efficientnet_lite0"
     # auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere (histomil.hardware)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: OpenVINO for fp32 on the CPU when installed (histomil[cpu]), torch otherwise (histomil.features.runtimes)
+    runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     channels_last: bool = True
     batch_size: int = 64
     workers: int = 1
@@ -86,7 +89,7 @@ def extract_study(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, object]:
     """Extract features for every split of a study with one shared tile cache."""
-    encoder = build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last)
+    encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last), cfg.runtime)
     cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
     for name in split_names(study_dir):

@@ -109,6 +109,7 @@ def slide_features_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>.h5 feature file per slide.")],
     encoder: Annotated[str, typer.Option("--encoder", help="Tile encoder.")] = "efficientnet_lite0",
     precision: PrecisionOpt = "auto",
+    runtime: Annotated[str, typer.Option("--runtime", help="What runs the encoder: auto (OpenVINO for fp32 on the CPU when installed, else torch), torch, openvino or onnxruntime.")] = "auto",
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
     tile_size: TileSizeOpt = 224,
@@ -123,12 +124,14 @@ def slide_features_cmd(
 ) -> None:
     """Encode tiles straight from the slides into one HDF5 per slide (CLAM/TRIDENT layout; resumable)."""
     from histomil.features.encoders import build_encoder
+    from histomil.features.runtimes import RUNTIMES, with_runtime
     from histomil.slides.features import extract_slide_features
 
     _check_choice("--precision", precision, PRECISIONS)
+    _check_choice("--runtime", runtime, RUNTIMES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
-    enc = build_encoder(encoder, precision=precision, channels_last=True)
+    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
     with progress_bars() as progress:
         s = extract_slide_features(slides, out, enc, spec, coords_dir=coords, batch_size=batch_size,
                                    num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]

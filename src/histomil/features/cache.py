@@ -44,8 +44,15 @@ class FeatureCache:
 
     @classmethod
     def for_encoder(cls, root: str | Path, encoder: object) -> FeatureCache:
-        """The cache of one TileEncoder: its name, input size, normalisation and precision."""
-        return cls(root, {**encoder.info.to_dict(), "precision": encoder.precision})  # type: ignore[attr-defined]
+        """The cache of one TileEncoder: its name, input size, normalisation, precision and runtime.
+
+        The runtime (``histomil.features.runtimes``) enters the identity only when it is not torch,
+        so caches made before runtimes existed keep their folder."""
+        identity = {**encoder.info.to_dict(), "precision": encoder.precision}  # type: ignore[attr-defined]
+        runtime = str(getattr(encoder, "runtime", "torch"))
+        if runtime != "torch":
+            identity["runtime"] = runtime
+        return cls(root, identity)
 
     def _check_config(self) -> None:
         meta = self.root / "encoder.json"

@@ -64,6 +64,8 @@ class TileEncoder(nn.Module):
     faster for convolutions on CPU. Both are speed options: embeddings stay close to fp32.
     """
 
+    runtime = "torch"  # what runs the network (histomil.features.runtimes wraps other runtimes)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -118,7 +120,7 @@ class TileEncoder(nn.Module):
         in and the hardware it ran on (features in bf16 differ slightly between CPU kinds)."""
         device = self._mean.device
         return {**self.info.to_dict(), "encoder": self.info.name, "precision": self.precision,
-                **device_description(device)}
+                "runtime": self.runtime, **device_description(device)}
 
     @torch.no_grad()
     def encode(self, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:

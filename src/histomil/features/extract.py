@@ -139,7 +139,7 @@ def encode_into_cache(
 
 
 def _existing_ok(path: Path, n_tiles_max: int, attrs: dict) -> bool:
-    """Whether a feature file already written can be kept: same encoder and precision, plausible size."""
+    """Whether a feature file already written can be kept: same encoder, precision and runtime, plausible size."""
     if not path.exists():
         return False
     try:
@@ -147,7 +147,8 @@ def _existing_ok(path: Path, n_tiles_max: int, attrs: dict) -> bool:
     except HistomilError:
         return False
     same_precision = fb.attrs.get("precision", attrs.get("precision")) == attrs.get("precision")
-    return fb.attrs.get("encoder") == attrs["encoder"] and same_precision and 0 < len(fb) <= n_tiles_max
+    same_runtime = fb.attrs.get("runtime", "torch") == attrs.get("runtime", "torch")  # files before runtimes: torch
+    return fb.attrs.get("encoder") == attrs["encoder"] and same_precision and same_runtime and 0 < len(fb) <= n_tiles_max
 
 
 def extract_bags(

@@ -351,6 +351,7 @@ def existing_complete(path: str | Path, encoder: torch.nn.Module, tiling: str) -
                 return False
             attrs = f.attrs
             same = all(_same(attrs.get(k), want[k]) for k in ("encoder", "precision", "input_size", "mean", "std"))
+            same = same and _same(attrs.get("runtime", "torch"), want.get("runtime", "torch"))  # older files: torch
             return same and _same(attrs.get("tiling"), tiling)
     except (OSError, KeyError):
         return False
