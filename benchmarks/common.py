@@ -53,7 +53,7 @@ def size_cells(rows: list[dict], key: str, name: str, mode: str, sizes: list[int
 def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     """One histomil training step on bag ``x``: forward (labels go to models that take them), the
     trainer's bag loss, backward, optimizer step."""
-    from histomil.training.trainer import bag_loss, takes_labels
+    from histomil.training.common import bag_loss, takes_labels
 
     model.train()
     out = model(x, None, y=y) if takes_labels(model) else model(x)

@@ -26,7 +26,7 @@ Three parts, all in this process, with ``--threads`` intra-op torch threads (rec
 2. **MIL heads on cached features**: bags of 40 instances x 1280 (the EfficientNet-Lite0 width,
    random values), every registry model, batches of 1 and 16 bags. ``infer`` is
    :func:`histomil.training.trainer.predict` (eval, no grad, the trainer's padding + masks);
-   ``train`` is the trainer's own epoch loop (``trainer._train_epoch``: collate with masks,
+   ``train`` is the trainer's own epoch loop (``trainer.train_epoch``: collate with masks,
    forward, :func:`bag_loss`, backward, Adam step) over ``--feature-bags`` bags. One warm-up pass,
    then passes until ``--min-seconds`` have elapsed (at least 3, at most 50); the median pass.
 
@@ -34,7 +34,7 @@ Three parts, all in this process, with ``--threads`` intra-op torch threads (rec
    EfficientNet-Lite0 at 224 px (finetune none and all) and the original CNN at 256 px (tiles
    resized, finetune all, its concatenation head), per precision, with the pixel trainer's other
    defaults (gated_abmil head, tile_chunk 8, channels_last, augment_p 0.2, 1 worker). ``infer`` is
-   :func:`predict_pixels`, ``train`` the pixel trainer's epoch loop (``pixels._train_epoch``:
+   :func:`predict_pixels`, ``train`` the pixel trainer's epoch loop (``pixels.train_epoch``:
    decode + augment in a DataLoader worker, forward, loss, backward, Adam with the trainer's
    head/encoder learning-rate groups), one bag per step, both from the files. One pass over
    ``--pixel-bags`` + 1 bags: the first bag is the warm-up and the rate is over the remaining
@@ -258,7 +258,7 @@ def bench_features(a: argparse.Namespace, models: list[str], log: Callable[[str]
             rng = np.random.default_rng(a.seed)
             calls = {
                 "infer": partial(predict, model, feats, batch_size=bs),
-                "train": partial(trainer._train_epoch, model, optimizer, feats, y, config, rng, None, device),
+                "train": partial(trainer.train_epoch, model, optimizer, feats, y, config, rng, None, device),
             }
             for mode, fn in calls.items():
                 fn()  # warm-up pass
@@ -352,7 +352,7 @@ def bench_pixels(a: argparse.Namespace, paths: list[Path], log: Callable[[str], 
         optimizer = pixels.pixel_optimizer(model, config)  # what train_pixels uses
         stamps = Stamps()
         # the trainer shuffles the bags; the first one to finish is the warm-up whichever it is
-        pixels._train_epoch(model, optimizer, bags, y, config, np.random.default_rng(a.seed), device, stamps)
+        pixels.train_epoch(model, optimizer, bags, y, config, np.random.default_rng(a.seed), device, stamps)
         bps, steps = _bag_rate(stamps[1:])
         row.update({"train_bags_per_s": bps, "train_step_seconds": steps, "train_first_bag_seconds": stamps[1] - stamps[0]})
         log(f"pixels {spec['backbone']} {spec['tile_px']}px finetune={spec['finetune']} {spec['precision']} "

@@ -359,6 +359,98 @@ def test_training_is_deterministic_and_independent_of_worker_processes(toy, tmp_
     assert strip(c.history) != strip(a.history)
 
 
+class Crash(Exception):
+    pass
+
+
+def _crash_at(epoch: int):
+    def on_epoch(row: dict) -> None:
+        if row["epoch"] == epoch:
+            raise Crash
+
+    return on_epoch
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+def test_resumed_run_equals_uninterrupted_run(toy, tmp_path) -> None:
+    """Killed after epoch 2 (last.pt and history.csv written), resumed: the same history and weights.
+
+    Every source of randomness is on: dropout (torch RNG), bag order and tile sub-sampling (numpy
+    Generator), augmentation and the DataLoader worker's seed (drawn from the Generator each epoch).
+    """
+    train_bags, val_bags = toy
+    cfg = small_cfg(backbone="original", finetune=None, model="gated_abmil", epochs=4, max_tiles=3, augment_p=0.5,
+                    lr=1e-3, num_workers=1, model_kwargs={"embed_dim": 16, "attn_dim": 8, "dropout": 0.3})
+    full = train_pixels(train_bags, val_bags, cfg, tmp_path / "full")
+    assert full.last_path.is_file()
+
+    with pytest.raises(Crash):
+        train_pixels(train_bags, val_bags, cfg, tmp_path / "resumed", on_epoch=_crash_at(2))
+    with open(tmp_path / "resumed" / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    seen = []
+    # the worker count may change on resuming: it does not change the results
+    resumed = train_pixels(train_bags, val_bags, cfg.model_copy(update={"num_workers": 0}), tmp_path / "resumed",
+                           resume=True, on_epoch=lambda r: seen.append(r["epoch"]))
+    assert seen == [3, 4]
+    assert _strip(resumed.history) == _strip(full.history)
+    assert resumed.best_epoch == full.best_epoch
+    for name in ("model.pt", "last.pt"):
+        key = "state_dict" if name == "model.pt" else "model_state"
+        a = torch.load(tmp_path / "full" / name, weights_only=True)[key]
+        b = torch.load(tmp_path / "resumed" / name, weights_only=True)[key]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # more epochs continue a finished run; other data or options are refused
+    more = train_pixels(train_bags, val_bags, cfg.model_copy(update={"epochs": 5}), tmp_path / "full", resume=True)
+    assert more.epochs_run == 5 and _strip(more.history[:4]) == _strip(full.history)
+    with pytest.raises(HistomilError, match="options changed.*lr"):
+        train_pixels(train_bags, val_bags, cfg.model_copy(update={"lr": 1e-2}), tmp_path / "full", resume=True)
+    with pytest.raises(HistomilError, match="bags differ"):
+        train_pixels(train_bags[:6], val_bags, cfg, tmp_path / "full", resume=True)
+
+
+def test_command_resumes_from_last_state_by_default(toy, tmp_path) -> None:
+    train_bags, val_bags = toy
+    app = typer.Typer()
+    app.command()(train_pixels_cmd)
+    out = tmp_path / "run"
+    args = [str(train_bags[0].tile_paths[0].parent.parent), "--val", str(val_bags[0].tile_paths[0].parent.parent),
+            "--out", str(out), "--backbone", "original", "--model", "gated_abmil", "--workers", "0", "--threads", "1",
+            "--min-epochs", "0"]
+    first = CliRunner().invoke(app, [*args, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    assert (out / "last.pt").is_file() and "resuming" not in first.output
+    again = CliRunner().invoke(app, [*args, "--epochs", "2"])
+    assert again.exit_code == 0, again.output
+    assert "resuming from" in again.output and "of 2" in again.output
+    with open(out / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    changed = CliRunner().invoke(app, [*args, "--epochs", "2", "--lr", "0.01"])
+    assert changed.exit_code == 2 and "cannot resume" in changed.output and "lr" in changed.output
+    fresh = CliRunner().invoke(app, [*args, "--epochs", "1", "--lr", "0.01", "--no-resume"])
+    assert fresh.exit_code == 0, fresh.output
+    with open(out / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
+def test_training_flushes_denormals(toy, tmp_path) -> None:
+    """Denormal floats are flushed to zero while training (late epochs stay fast once the loss saturates)."""
+    train_bags, val_bags = toy
+    flushed = []
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    assert torch.tensor([1e-323], dtype=torch.float64).item() != 0.0  # denormals are kept by default
+    try:
+        train_pixels(train_bags, val_bags, small_cfg(backbone="original", finetune=None, model="gated_abmil", epochs=1),
+                     tmp_path / "run", on_epoch=lambda r: flushed.append(torch.tensor([1e-323], dtype=torch.float64).item() == 0.0))
+    finally:
+        torch.set_flush_denormal(False)
+    assert flushed == [True]
+
+
 def test_bad_tile_in_a_worker_is_a_one_line_error_naming_the_file(toy, tmp_path) -> None:
     train_bags, val_bags = toy
     bad = tmp_path / "broken.png"

@@ -46,3 +46,20 @@ def test_keep_freed_memory_can_be_switched_off(monkeypatch):
     env = {**os.environ, "HISTOMIL_KEEP_MALLOC": "1"}
     tuned, _ = faults("tuned", env)
     assert not tuned
+
+
+def test_flush_denormals_turns_subnormal_floats_into_zero():
+    import torch
+
+    from histomil.runtime import flush_denormals
+
+    tiny = torch.tensor([1e-300], dtype=torch.float64)
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert (tiny * 1e-20).item() > 0.0  # a denormal (1e-320) by default
+        assert flush_denormals() is True
+        assert (tiny * 1e-20).item() == 0.0
+        assert torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

@@ -287,3 +287,50 @@ def test_three_classes_class_weights_and_encoder_info(tmp_path):
     val[0].attrs["encoder"] = "enc-b"
     with pytest.raises(HistomilError, match="different encoders"):
         train(bags, val, cfg(epochs=1), tmp_path / "mixed")
+
+
+def _denormals_flushed() -> bool:
+    return torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
+
+
+def test_training_and_prediction_flush_denormals(toy, tmp_path):
+    """Denormal floats are flushed to zero in the training loop and in predict (no late-epoch slowdown)."""
+    train_bags, val_bags, _ = toy
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    assert not _denormals_flushed()
+    flushed = []
+    try:
+        train(train_bags[:6], val_bags[:4], cfg(epochs=2), tmp_path, on_epoch=lambda r: flushed.append(_denormals_flushed()))
+        assert flushed == [True, True]
+        torch.set_flush_denormal(False)
+        predict(build_model("abmil", D, 2), [np.ones((3, D), dtype=np.float32)])
+        assert _denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_training_modules_share_public_names_only_and_import_no_cycle():
+    """The trainers share the loop and helpers through public names; checkpoint loading sits above them."""
+    import ast
+    from pathlib import Path
+
+    import histomil.training
+
+    folder = Path(histomil.training.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("histomil.training."):
+                deps.add(node.module.rsplit(".", 1)[1])
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports private {private} from {node.module}"
+        graph[path.stem] = deps
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
+
+    assert not [m for m in graph if reaches(m, m)], graph
+    assert not reaches("trainer", "pixels") and not reaches("pixels", "trainer")
+    assert "pixels" in graph["checkpoint"] and not reaches("checkpoint_file", "pixels")

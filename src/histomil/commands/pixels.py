@@ -15,7 +15,7 @@ from histomil.ui import log, progress_bars, user_errors
 def train_pixels_cmd(
     train: Path = typer.Argument(..., help="Training bags: a bag root folder (one sub-folder of tiles per bag) or a manifest CSV."),
     val: Path = typer.Option(..., "--val", help="Validation bags (folder or manifest)."),
-    out: Path = typer.Option(..., "--out", help="Run folder: model.pt (best), history.csv."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model.pt (best), last.pt (to resume from), history.csv."),
     labels: Optional[Path] = typer.Option(None, help="Labels CSV (case,y_true) for the training bags; default root/labels.csv or df.csv."),
     val_labels: Optional[Path] = typer.Option(None, help="Labels CSV for the validation bags."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON config (keys of PixelTrainConfig); options below override it."),
@@ -40,8 +40,13 @@ def train_pixels_cmd(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N or auto."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (0 = all cores; 1 is faster when other jobs share the CPU)."),
     on_bad_tile: str = typer.Option("error", help="'error' stops at the first unreadable tile; 'skip' decodes every tile first and leaves bad ones out."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run from OUT/last.pt (same bags and options; default), or start afresh."),
 ) -> None:
-    """Train a tile encoder and a MIL head together, end to end from the tile images."""
+    """Train a tile encoder and a MIL head together, end to end from the tile images.
+
+    Resumable: rerunning the same command after an interruption (even kill -9) continues from the
+    last finished epoch and ends as an uninterrupted run would have.
+    """
     from histomil.data.bags import check_bags, load_bags
     from histomil.training.pixels import PixelTrainConfig, train_pixels
 
@@ -61,8 +66,10 @@ def train_pixels_cmd(
         if on_bad_tile == "skip":
             train_bags = check_bags(train_bags, "skip", log, lambda d, t: progress("checking training tiles", d, t))
             val_bags = check_bags(val_bags, "skip", log, lambda d, t: progress("checking validation tiles", d, t))
+        if resume and (out / "last.pt").is_file():
+            log(f"resuming from {out / 'last.pt'}")
         result = train_pixels(train_bags, val_bags, cfg, out, on_epoch=lambda row: progress("epochs", int(row["epoch"]), cfg.epochs),
-                              progress=progress)
+                              progress=progress, resume=resume)
     best = result.best_metrics
     log(f"best epoch {result.best_epoch} of {result.epochs_run}: val_loss {best.get('val_loss', float('nan')):.4f}, "
         f"val_acc {best.get('val_acc', float('nan')):.3f}, val_auc {best.get('val_auc', float('nan')):.3f}; "

@@ -432,7 +432,8 @@ class _Models:
 def build_gallery(bag: BagRef, models: _Models, max_tiles: int = 40) -> Gallery:
     """Tiles of one bag sorted by the model's attention (highest first), with thumbnails and truth."""
     from histomil.features.store import read_feature_bag
-    from histomil.training.trainer import predict, torch_threads
+    from histomil.training.common import torch_threads
+    from histomil.training.trainer import predict
 
     gal = Gallery(bag)
     if not bag.model_path.is_file():

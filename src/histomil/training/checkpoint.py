@@ -1,99 +1,50 @@
-"""Self-contained model checkpoints: everything needed to predict later, in one file.
+"""Model checkpoints: :func:`load_checkpoint` rebuilds a trained model of either kind from ``model.pt``.
 
-A checkpoint is a ``torch.save`` dict of plain Python values and tensors only (so it loads with
-``weights_only=True``, no arbitrary unpickling):
-
-* ``format`` / ``format_version``: identify the file as a histomil model checkpoint.
-* ``model_name``, ``model_kwargs``, ``in_dim``, ``n_classes``: rebuild the model via the registry.
-* ``state_dict``: the weights (on CPU).
-* ``encoder_info``: the feature encoder the model was trained on (name, input_size, mean, std, ...),
-  so prediction can refuse features from a different encoder.
-* ``train_config``: the training configuration as a dict; ``histomil_version``; ``extra``
-  (best epoch and its metrics, anything else the trainer wants to keep).
-* ``kind``: ``"features"`` (a MIL model on cached features, rebuilt from the registry; also
-  assumed when the key is missing) or ``"pixels"`` (an end-to-end tile encoder + MIL head, rebuilt
-  from ``train_config`` by :func:`histomil.training.pixels.model_from_checkpoint`).
+The file format, and writing and reading it, live in :mod:`.checkpoint_file` (re-exported here:
+``save_checkpoint``, ``read_checkpoint_dict``, ``atomic_torch_save``). This module sits above both
+trainers: it imports :mod:`.pixels` to rebuild end-to-end pixel models, and the trainers import
+only :mod:`.checkpoint_file`, so no import cycle runs through the checkpoints.
 """
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
 from histomil.models.registry import build_model
+from histomil.training.checkpoint_file import (
+    FORMAT,
+    FORMAT_VERSION,
+    KINDS,
+    atomic_torch_save,
+    read_checkpoint_dict,
+    read_model_checkpoint,
+    save_checkpoint,
+    with_weights,
+)
+from histomil.training.pixels import model_from_checkpoint
 
-FORMAT = "histomil-mil-checkpoint"
-FORMAT_VERSION = 1
-_REQUIRED = ("model_name", "model_kwargs", "in_dim", "n_classes", "state_dict")
-KINDS = ("features", "pixels")
-
-
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    model_name: str,
-    model_kwargs: dict[str, Any],
-    n_classes: int,
-    encoder_info: dict[str, Any] | None,
-    train_config: dict[str, Any] | Any | None,
-    extra: dict[str, Any] | None = None,
-    in_dim: int | None = None,
-    kind: str = "features",
-) -> Path:
-    """Write a checkpoint atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    if kind not in KINDS:
-        raise ValueError(f"checkpoint kind must be one of {KINDS}, got {kind!r}")
-    in_dim = in_dim if in_dim is not None else getattr(model, "in_dim", None)
-    if in_dim is None:
-        raise ValueError("in_dim is unknown: pass in_dim= or give the model an 'in_dim' attribute")
-    if train_config is not None and hasattr(train_config, "model_dump"):
-        train_config = train_config.model_dump(mode="json")
-    payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "histomil_version": __version__,
-        "model_name": model_name,
-        "model_kwargs": dict(model_kwargs),
-        "in_dim": int(in_dim),
-        "n_classes": int(n_classes),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "encoder_info": dict(encoder_info) if encoder_info is not None else None,
-        "train_config": train_config,
-        "extra": dict(extra or {}),
-    }
-    atomic_torch_save(payload, path)
-    return path
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "KINDS", "REBUILD", "atomic_torch_save", "feature_model_from_checkpoint",
+    "load_checkpoint", "read_checkpoint_dict", "save_checkpoint",
+]
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+def feature_model_from_checkpoint(data: dict[str, Any]) -> nn.Module:
+    """Rebuild an (untrained) MIL model on features from the registry; the caller loads the weights."""
+    return build_model(data["model_name"], int(data["in_dim"]), int(data["n_classes"]), **data["model_kwargs"])
 
 
-def read_checkpoint_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a torch-saved dict safely (``weights_only``); any failure -> one-line HistomilError."""
-    path = Path(path)
-    if not path.is_file():
-        raise HistomilError(f"{path}: {what} not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HistomilError(f"{path}: not a readable {what} ({first})") from None
-    if not isinstance(data, dict):
-        raise HistomilError(f"{path}: not a histomil {what} (unexpected content)")
-    return data
+# How each checkpoint kind is rebuilt from its dict (untrained; the weights are loaded afterwards).
+REBUILD: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "features": feature_model_from_checkpoint,
+    "pixels": model_from_checkpoint,
+}
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -103,33 +54,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     ``best_epoch``, ``metrics``) are also copied to the top level for convenience.
     """
     path = Path(path)
-    data = read_checkpoint_dict(path)
-    if data.get("format") != FORMAT or any(k not in data for k in _REQUIRED):
-        raise HistomilError(f"{path}: not a histomil model checkpoint")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
-        raise HistomilError(
-            f"{path}: checkpoint format {data['format_version']} is newer than this histomil "
-            f"({__version__}) understands; upgrade histomil"
-        )
-    kind = data.get("kind", "features")
-    if kind not in KINDS:
-        raise HistomilError(f"{path}: unknown checkpoint kind {kind!r}; upgrade histomil")
+    data = read_model_checkpoint(path)
     try:
-        if kind == "pixels":
-            from histomil.training.pixels import model_from_checkpoint  # lazy: pixels imports this module
-
-            model = model_from_checkpoint(data)
-        else:
-            model = build_model(data["model_name"], int(data["in_dim"]), int(data["n_classes"]), **data["model_kwargs"])
+        model = REBUILD[data.get("kind", "features")](data)
     except HistomilError as exc:
         raise HistomilError(f"{path}: {exc}") from None
-    try:
-        model.load_state_dict(data["state_dict"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise HistomilError(f"{path}: weights do not match model {data['model_name']!r} ({first})") from None
-    model.to(device).eval()
-    meta = {k: v for k, v in data.items() if k != "state_dict"}
-    for key, value in (data.get("extra") or {}).items():
-        meta.setdefault(key, value)
-    return model, meta
+    return with_weights(path, data, model, device)

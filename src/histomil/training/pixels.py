@@ -25,14 +25,17 @@ Tiles are read with :func:`~histomil.data.images.read_rgb`, augmented (training 
 in DataLoader worker processes. Randomness (initialisation, dropout, bag order, tile sub-sampling,
 augmentation) derives from ``config.seed`` only, so a run is reproducible for a seed.
 
-Files written to ``out_dir``: ``history.csv`` (one row per epoch, as :mod:`.trainer`) and
-``model.pt``, the best checkpoint by the monitored metric (kind ``"pixels"``;
-:func:`~histomil.training.checkpoint.load_checkpoint` rebuilds it).
+The epoch loop is :func:`histomil.training.loop.run_training`, shared with :mod:`.trainer`. Files
+written to ``out_dir``: ``history.csv`` (one row per epoch, as :mod:`.trainer`), ``model.pt``, the
+best checkpoint by the monitored metric (kind ``"pixels"``;
+:func:`~histomil.training.checkpoint.load_checkpoint` rebuilds it), and ``last.pt``, the training
+state after the latest epoch, from which ``train_pixels(..., resume=True)`` continues exactly (for
+instance after the process was killed).
 """
 
 from __future__ import annotations
 
-import time
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,31 +58,29 @@ from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrain
 from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model
-from histomil.runtime import keep_freed_memory
-from histomil.training.checkpoint import save_checkpoint
-from histomil.training.trainer import (
-    RunResult,
+from histomil.runtime import flush_denormals, keep_freed_memory
+from histomil.training.checkpoint_file import save_checkpoint
+from histomil.training.common import (
+    auc,
     bag_loss,
+    check_nonempty,
+    count_classes,
+    labelled,
+    labels,
+    monitored_metric,
+    parse_config,
+    resolve_device,
     takes_labels,
-    _auc,
-    _best_extra,
-    _check_finite,
-    _check_nonempty,
-    _device,
-    _improves,
-    _labelled,
-    _labels,
-    _monitored,
-    _n_classes,
-    _parse_config,
-    _seeded,
-    _State,
 )
+from histomil.training.loop import RESUMABLE_CHANGES, RunResult, Trainable, best_extra, run_training
 
 BACKBONES = ("efficientnet_lite0", "original")
 ORIGINAL_HEAD = "original_concat"  # the original's concatenation head (not in the feature-model registry)
 LAST_BLOCKS = 5  # finetune="last_blocks": EfficientNet-Lite0 blocks 11-15 (the 192- and 320-channel stages)
 EFFICIENTNET_SIZE = 224
+# Options that may change between an interrupted run and its resumption (worker processes do not
+# change the results: the tiles and their augmentation are seeded per bag).
+PIXEL_RESUMABLE_CHANGES = RESUMABLE_CHANGES | {"num_workers"}
 
 Progress = Callable[[str, int, int], None]
 
@@ -115,7 +116,7 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "pixel training config") -> PixelTrainConfig:
         """Validate a dict; problems -> one-line HistomilError naming ``source``."""
-        return _parse_config(cls, data, source).resolved()
+        return parse_config(cls, data, source).resolved()
 
     def resolved(self) -> PixelTrainConfig:
         """A copy with the backbone defaults filled in; inconsistent options -> HistomilError."""
@@ -383,64 +384,66 @@ def train_pixels(
     out_dir: str | Path,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> PixelTrainResult:
     """Train encoder + head end to end on tile bags; early-stop and select on ``val_bags``.
 
     One bag per optimizer step (Adam; the encoder's trainable weights use ``encoder_lr``).
     ``on_epoch`` gets each history row plus ``best_epoch`` and ``improved``; ``progress(stage,
-    done, total)`` reports bags within an epoch.
+    done, total)`` reports bags within an epoch. ``resume=True`` continues from ``out_dir/last.pt``
+    when it exists (the same bags and options; ``epochs``, ``device``, ``threads`` and
+    ``num_workers`` may change), exactly as an uninterrupted run would have; a finished run is
+    returned as is.
     """
     config = config.resolved()
-    keep_freed_memory()  # CNN activations: reuse freed buffers (histomil.runtime)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     n_classes = _check_bags(train_bags, val_bags, config)
-    y_train, y_val = _labels(train_bags), _labels(val_bags)
-    monitor = _monitored(config.monitor, y_val)
-    device = _device(config.device)
+    y_train, y_val = labels(train_bags), labels(val_bags)
+    monitor = monitored_metric(config.monitor, y_val)
+    device = resolve_device(config.device)
     input_size = config.input_size or _native_size(train_bags[0])
     config = config.model_copy(update={"input_size": input_size})
-    paths = {"model": out_dir / "model.pt", "history": out_dir / "history.csv"}
 
-    with _seeded(device, config.seed, config.threads):
+    def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_pixel_model(config, n_classes, input_size).to(device)
         optimizer = pixel_optimizer(model, config)
         rng = np.random.default_rng(config.seed)
         y_train_t = torch.from_numpy(y_train).to(device)
-        state = _State()
 
-        while state.epoch < config.epochs and not state.stopped:
-            epoch = state.epoch + 1
-            t0 = time.perf_counter()
-            train_loss, train_acc = _train_epoch(model, optimizer, train_bags, y_train_t, config, rng, device, progress)
-            _check_finite(train_loss, epoch, out_dir, config.lr)
+        def validate() -> tuple[float, float, float]:
             outputs = predict_pixels(model, val_bags, num_workers=config.num_workers,
                                      progress=_stage(progress, "validating (bags)"))
-            val_loss, val_acc, val_auc = _val_metrics(outputs, y_val, n_classes)
-            row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "val_auc": val_auc, "lr": float(config.lr), "seconds": time.perf_counter() - t0}
-            improved = _improves(row, monitor, state)
-            if improved:
-                state.mark_best(row, monitor)
-                save_checkpoint(
-                    paths["model"], model, str(config.model), config.model_kwargs, n_classes,
-                    model.prep.info(config.backbone, model.in_dim) if model.prep else None, config,
-                    extra=_best_extra(row, monitor, y_train, len(val_bags), n_classes),
-                    in_dim=model.in_dim, kind="pixels",
-                )
-            state.end_epoch(row, paths["history"], config.min_epochs, config.patience)
-            if on_epoch is not None:
-                on_epoch({**row, "best_epoch": state.best_epoch, "improved": improved})
+            return _val_metrics(outputs, y_val, n_classes)
 
-    return PixelTrainResult(out_dir=out_dir, model_path=paths["model"], history_path=paths["history"],
-                            history=list(state.history), best_epoch=state.best_epoch, best_metrics=state.best_row(),
-                            epochs_run=state.epoch, stopped_early=state.stopped, monitor=monitor,
-                            n_classes=n_classes, config=config)
+        def save_best(path: Path, row: dict[str, Any]) -> None:
+            save_checkpoint(
+                path, model, str(config.model), config.model_kwargs, n_classes,
+                model.prep.info(config.backbone, model.in_dim) if model.prep else None, config,
+                extra=best_extra(row, monitor, y_train, len(val_bags), n_classes),
+                in_dim=model.in_dim, kind="pixels",
+            )
+
+        return Trainable(
+            model, optimizer, rng,
+            train_epoch=lambda: train_epoch(model, optimizer, train_bags, y_train_t, config, rng, device, progress),
+            validate=validate,
+            save_best=save_best,
+        )
+
+    run = run_training(build, config, out_dir, device=device, monitor=monitor, n_classes=n_classes,
+                       fingerprint=_fingerprint(train_bags, val_bags), resumable_changes=PIXEL_RESUMABLE_CHANGES,
+                       resume=resume, on_epoch=on_epoch)
+    return PixelTrainResult(**vars(run), config=config)
 
 
-def _train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequence[Bag], y: torch.Tensor,
-                 config: PixelTrainConfig, rng: np.random.Generator, device: torch.device,
-                 progress: Progress | None) -> tuple[float, float]:
+def train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequence[Bag], y: torch.Tensor,
+                config: PixelTrainConfig, rng: np.random.Generator, device: torch.device,
+                progress: Progress | None = None) -> tuple[float, float]:
+    """One pass over the training bags, one bag per optimizer step -> ``(mean train loss, train accuracy)``.
+
+    The bag order, tile sub-sampling (``config.max_tiles``), each bag's augmentation seed and the
+    DataLoader's seed are drawn from ``rng``, so restoring ``rng`` (and torch's RNG, for dropout)
+    repeats an epoch exactly. ``progress("training (bags)", done, total)`` after each bag.
+    """
     model.train()
     tasks = []
     for i in rng.permutation(len(bags)):
@@ -474,6 +477,7 @@ def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
     Attention is NaN for heads that have none.
     """
     keep_freed_memory()
+    flush_denormals()
     if model.prep is None:
         raise HistomilError("pixel model has no tile preprocessing (build it with build_pixel_model)")
     for b in bags:
@@ -502,7 +506,7 @@ def _val_metrics(outputs: list[tuple[np.ndarray, np.ndarray]], y: np.ndarray, n_
     probs = np.stack([p for p, _ in outputs])
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))))
     acc = float(np.mean(probs.argmax(axis=1) == y))
-    return loss, acc, _auc(y, probs, n_classes)
+    return loss, acc, auc(y, probs, n_classes)
 
 
 def _stage(progress: Progress | None, name: str) -> Progress | None:
@@ -514,9 +518,9 @@ def _stage(progress: Progress | None, name: str) -> Progress | None:
 
 def _check_bags(train_bags: Sequence[Bag], val_bags: Sequence[Bag], config: PixelTrainConfig) -> int:
     """Validate labels and bag sizes; returns the number of classes."""
-    _check_nonempty(train_bags, val_bags)
+    check_nonempty(train_bags, val_bags)
     bag_size = int(config.model_kwargs.get("bag_size", 40)) if config.model == ORIGINAL_HEAD else None
-    for split, b in _labelled(train_bags, val_bags):
+    for split, b in labelled(train_bags, val_bags):
         if len(b.tile_paths) == 0:
             raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles")
         if bag_size is not None:
@@ -528,7 +532,17 @@ def _check_bags(train_bags: Sequence[Bag], val_bags: Sequence[Bag], config: Pixe
                     f"{split} bag {b.bag_id!r}: the original model needs bags of exactly {bag_size} tiles "
                     f"(it concatenates them in order), this one has {n}; use a size-agnostic head such as gated_abmil"
                 )
-    return _n_classes(train_bags, val_bags)
+    return count_classes(train_bags, val_bags)
+
+
+def _fingerprint(train_bags: Sequence[Bag], val_bags: Sequence[Bag]) -> str:
+    """Identifies the data of a run (ids, labels, tile file names, order), to refuse resuming on other data."""
+    h = hashlib.sha256()
+    for split, bags in (("train", train_bags), ("val", val_bags)):
+        for b in bags:
+            names = "|".join(Path(p).name for p in b.tile_paths)
+            h.update(f"{split}|{b.bag_id}|{b.label}|{len(b.tile_paths)}|{names}\n".encode())
+    return h.hexdigest()
 
 
 def _native_size(bag: Bag) -> int:
