@@ -57,7 +57,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,20 +137,19 @@ def pick_tiles(data: Path, n: int, seed: int) -> list[Path]:
 # --- encoder paths ---------------------------------------------------------------------------------
 
 
-@dataclass
 class EncoderPath:
-    """One way of running an encoder: how to build it and on how many tiles it is timed."""
+    """One way of running an encoder: how to build it and on how many tiles it is timed.
 
-    model: str
-    name: str
-    precision: str
-    build: Callable[[], Any]
-    n_tiles: int
-    encoder: Any = None
-    status: str = "ok"
-    build_seconds: float = float("nan")
-    seconds: list[float] = field(default_factory=list)
-    features: np.ndarray | None = None
+    (A plain class, not a dataclass: the smoke tests load this file without registering it as a module.)
+    """
+
+    def __init__(self, model: str, name: str, precision: str, build: Callable[[], Any], n_tiles: int) -> None:
+        self.model, self.name, self.precision, self.build, self.n_tiles = model, name, precision, build, n_tiles
+        self.encoder: Any = None
+        self.status = "ok"
+        self.build_seconds = float("nan")
+        self.seconds: list[float] = []
+        self.features: np.ndarray | None = None
 
 
 def lite0(precision: str, channels_last: bool) -> Callable[[], Any]:

@@ -323,3 +323,35 @@ def test_peer_torchmil_quick(peer, shared_data, tmp_path, one_thread):
     assert [s["protocol"] for s in data["accuracy_summary"]] == ["1 x 2-fold"] * 2
     table = (tmp_path / "peer_torchmil.md").read_text()
     assert "## Speed" in table and "| transmil | " in table and "## Accuracy" in table
+
+
+@pytest.fixture(scope="module")
+def cpu_encoders():
+    return load("cpu_encoders")
+
+
+def test_cpu_encoders_tiny_run_writes_tables(cpu_encoders, tmp_path):
+    rc = cpu_encoders.main(["--out", str(tmp_path), "--quick", "--random", "--tiles", "2", "--batch-size", "2",
+                            "--paths", "torch fp32 channels_last", "--vit-tiles", "0", "--threads", "1"])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "cpu_encoders.csv").read_text().splitlines()))
+    assert [r["path"] for r in rows] == ["torch fp32 eager", "torch fp32 channels_last"]
+    assert all(r["status"] == "ok" and float(r["tiles_per_s"]) > 0 and r["cpu"] for r in rows)
+    assert float(rows[1]["rel_max_abs_diff"]) < 1e-4  # channels_last: the same features
+    data = json.loads((tmp_path / "cpu_encoders.json").read_text())
+    assert data["machine"]["torch_cpu_capability"] and data["settings"]["threads"] == 1
+    assert data["decision"]["choice"] is None  # no alternative runtime was measured
+    table = (tmp_path / "cpu_encoders.md").read_text()
+    assert data["machine"]["cpu_model_name"] in table and "## Decision" in table
+
+
+def test_cpu_encoders_decision_needs_speed_and_matching_features(cpu_encoders):
+    def row(path, rate, rel=None, precision="fp32"):
+        return {"model": cpu_encoders.LITE0, "path": path, "precision": precision, "tiles_per_s": rate,
+                "rel_max_abs_diff": rel, "within_tolerance": rel is not None and rel <= 1e-4}
+
+    base = [row("torch fp32 eager", 50.0), row("torch fp32 channels_last", 80.0), row("torch bf16 eager", 300.0, 0.03, "bf16")]
+    fast = cpu_encoders.decide([*base, row("OpenVINO fp32", 120.0, 2e-6), row("ONNX Runtime fp32", 100.0, 2e-6)], 1.3)
+    assert fast["choice"] == "OpenVINO fp32" and fast["speedup"] == pytest.approx(1.5)  # vs the best torch fp32, not bf16
+    assert cpu_encoders.decide([*base, row("OpenVINO fp32", 100.0, 2e-6)], 1.3)["choice"] is None  # 1.25x: not enough
+    assert cpu_encoders.decide([*base, row("OpenVINO fp32", 200.0, 1e-2)], 1.3)["choice"] is None  # features differ
