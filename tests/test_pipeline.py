@@ -11,6 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from histomil.cli import app
+from histomil.features.store import read_feature_bag
+from histomil.hardware import cpu_name, native_bf16, resolve_precision
 from histomil.resources import demo_config_path
 
 runner = CliRunner()
@@ -46,6 +48,12 @@ def test_demo_runs_every_step_and_prints_the_table(demo_run: Path):
     assert metrics["test_40_20"]["roc_auc"] > 0.8
     timings = json.loads((demo_run / "timings.json").read_text())
     assert set(timings) == {"compose bags", "extract features", "train", "evaluate"}
+    # the run says which precision "auto" chose on this machine, and why, beside the features it made
+    env = json.loads((demo_run / "environment.json").read_text())
+    assert env["precision_requested"] == "auto" and env["precision"] == resolve_precision("auto")
+    assert env["device_name"] == cpu_name() and env["bf16"] == ("native" if native_bf16() else "emulated")
+    feature_file = next((demo_run / "features" / "train").glob("*.h5"))
+    assert read_feature_bag(feature_file).attrs["precision"] == env["precision"]
     for png in ["training_curves.png", "roc_pr.png", "confusion_test_40_1.png"]:
         assert (demo_run / "evaluation" / png).stat().st_size > 1000
     history = list(csv.DictReader(open(demo_run / "model" / "history.csv")))

@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from histomil.commands.pixels import train_pixels_cmd
+from histomil.hardware import resolve_precision
 from histomil.data import augment
 from histomil.data.bags import Bag, load_bags
 from histomil.errors import HistomilError
@@ -515,12 +516,13 @@ def test_command_trains_on_real_tiles(ebhi_bags: Path, tmp_path) -> None:
     app.command()(train_pixels_cmd)
     out = tmp_path / "run"
     args = [str(ebhi_bags), "--val", str(ebhi_bags), "--out", str(out), "--epochs", "1", "--input-size", "32",
-            "--finetune", "all", "--workers", "1", "--tile-chunk", "2", "--precision", "bf16", "--channels-last"]
+            "--finetune", "all", "--workers", "1", "--tile-chunk", "2", "--channels-last"]  # precision: the default, auto
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "best epoch 1 of 1" in res.output and (out / "model.pt").is_file() and (out / "history.csv").is_file()
     model, meta = load_checkpoint(out / "model.pt")
-    assert meta["train_config"]["precision"] == "bf16" and model.precision == "bf16" and model.channels_last
+    resolved = resolve_precision("auto")  # bf16 where this CPU computes it natively, else fp32
+    assert meta["train_config"]["precision"] == resolved and model.precision == resolved and model.channels_last
     bad = CliRunner().invoke(app, [*args[:5], "--finetune", "sometimes"])
     assert bad.exit_code == 2 and "error:" in bad.output and "finetune" in bad.output
 

@@ -133,3 +133,19 @@ def resolve_precision(requested: str, device: str | torch.device | None = "cpu")
             stacklevel=2,
         )
     return requested
+
+
+def run_environment(requested_precision: str, device: str | torch.device | None = "cpu") -> dict[str, object]:
+    """What a run folder records in ``environment.json``: the precision asked for and the one used,
+    the device, and the library versions, so two machines' numbers can be told apart."""
+    from histomil import __version__
+
+    return {
+        "precision_requested": requested_precision,
+        "precision": resolve_precision(requested_precision, device) if requested_precision == "auto" else requested_precision,
+        **device_description(device),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "histomil": __version__,
+        "platform": platform.platform(),
+    }

@@ -23,6 +23,7 @@ from histomil.features.encoders import build_encoder
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features.runtimes import with_runtime
 from histomil.features.store import load_feature_dataset
+from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
 from histomil.training.trainer import TrainConfig, train
 
@@ -114,6 +115,10 @@ def run_study(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", json.loads(cfg.model_dump_json()))
+    environment = run_environment(cfg.features.precision)
+    write_json(out_dir / "environment.json", environment)
+    log(f"features in {environment['precision']} on {environment['device_name']} "
+        f"({environment['device_capability']}, bf16 {environment['bf16']})")
     timings_path = out_dir / "timings.json"
     timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
 

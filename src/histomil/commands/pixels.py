@@ -27,7 +27,7 @@ def train_pixels_cmd(
     encoder_lr: Optional[float] = typer.Option(None, help="Learning rate of the fine-tuned encoder (default lr/10)."),
     weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay."),
     augment_p: Optional[float] = typer.Option(None, help="Probability of each flip / rotation / transpose (0 = off)."),
-    precision: Optional[str] = typer.Option(None, help="fp32 or bf16 (autocast of the encoder)."),
+    precision: Optional[str] = typer.Option(None, help="Encoder precision: auto (default: bf16 where the device computes it natively, else fp32), fp32 or bf16."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="NHWC memory layout for the encoder (default on: faster on CPU)."),
     tile_chunk: Optional[int] = typer.Option(None, help="Encode K tiles at a time with activation checkpointing (0 = all at once)."),
     input_size: Optional[int] = typer.Option(None, help="Resize tiles to this size (default 224 / the native tile size for original)."),

@@ -65,6 +65,7 @@ from histomil.evaluation.evaluate import tile_truth_for
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
 from histomil.evaluation.threshold import RULES, choose_threshold, describe_rule
 from histomil.features.store import load_feature_dataset
+from histomil.hardware import run_environment
 from histomil.pipeline import (
     FeatureConfig,
     TileColumns,
@@ -550,6 +551,7 @@ def run_crossval(
     cfg_json = json.loads(cfg.model_dump_json())
     _check_resume(out, cfg_json)
     write_json(out / "config.json", cfg_json)
+    write_json(out / "environment.json", run_environment(cfg.features.precision))  # resolved precision, hardware
     run = _Run(cfg, out, log, progress)
 
     c = cfg.columns

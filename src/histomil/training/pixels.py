@@ -55,6 +55,7 @@ from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
+from histomil.hardware import resolve_precision
 from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model
@@ -99,7 +100,8 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
     encoder_lr: float | None = Field(None, ge=0)  # lr / 10 for a pretrained encoder, lr for the original
     weight_decay: float = Field(1e-4, ge=0)
     augment_p: float = Field(0.2, ge=0, le=1)  # probability of each flip / rotation / transpose
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast of the encoder (head stays fp32)
+    # bf16 = autocast of the encoder (head stays fp32); auto = bf16 where the device computes it natively
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True  # NHWC layout for the encoder: 1.3-1.5x faster training steps on our CPU
     tile_chunk: int | None = Field(8, ge=1)  # encode K tiles at a time, checkpointed; None = all at once
     max_tiles: int | None = Field(None, ge=1)  # random sub-sample of larger training bags
@@ -299,7 +301,8 @@ def build_pixel_model(config: PixelTrainConfig, n_classes: int, input_size: int,
             raise HistomilError(f"model {ORIGINAL_HEAD!r}: bad options {config.model_kwargs}: {exc}") from None
     else:
         head = build_model(str(config.model), dim, n_classes, **config.model_kwargs)
-    return PixelMIL(encoder, head, tile_chunk=config.tile_chunk, precision=config.precision,
+    precision = resolve_precision(config.precision, "cpu")  # train_pixels resolves it for its device first
+    return PixelMIL(encoder, head, tile_chunk=config.tile_chunk, precision=precision,
                     channels_last=config.channels_last, prep=prep)
 
 
@@ -401,7 +404,8 @@ def train_pixels(
     monitor = monitored_metric(config.monitor, y_val)
     device = resolve_device(config.device)
     input_size = config.input_size or _native_size(train_bags[0])
-    config = config.model_copy(update={"input_size": input_size})
+    # the precision actually used is what the run records (history, checkpoints, last.pt)
+    config = config.model_copy(update={"input_size": input_size, "precision": resolve_precision(config.precision, device)})
 
     def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_pixel_model(config, n_classes, input_size).to(device)
