@@ -192,6 +192,7 @@ def study_run(tmp_path_factory, fast_encoder) -> Path:
         "study.bag_size": 12, "study.train_bags": 30, "study.val_bags": 12, "study.test_bags": 16,
         "study.train_witnesses": [1, 6], "study.val_witnesses": [1, 6], "study.test_witnesses": [6, 1],
         "train.epochs": 8, "train.min_epochs": 8, "train.batch_size": 2, "train.lr": 0.002, **FAST_FEATURES,
+        "threshold": {"rule": "youden"},  # fitted on the validation bags, stored in model.pt
     })
     out = tmp_path_factory.mktemp("study") / "run"
     run_study(cfg, out, log=lambda _m: None)

@@ -22,6 +22,7 @@ from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features.runtimes import with_runtime
+from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.store import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
@@ -59,7 +60,15 @@ class StudyRunConfig(_Strict):
     study: StudySpec = StudySpec()
     features: FeatureConfig = FeatureConfig()
     train: TrainConfig = TrainConfig()
-    threshold: float = 0.5
+    # the decision threshold: a number (fixed), or {rule: youden} / {rule: sensitivity, value: 0.9}
+    # chosen on the validation bags only; either way it is stored in model.pt and applied to every test set
+    threshold: float | ThresholdConfig = 0.5
+
+    def threshold_rule(self) -> ThresholdConfig:
+        """``threshold`` as a rule (a plain number is the fixed rule)."""
+        if isinstance(self.threshold, ThresholdConfig):
+            return self.threshold
+        return ThresholdConfig(rule="fixed", value=float(self.threshold))
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> StudyRunConfig:
@@ -143,10 +152,12 @@ def run_study(
         val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
         encoder_info = dict(train_bags[0].attrs)  # encoder, resolved precision and hardware (from extraction)
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), cfg.train.epochs)) if progress else None
-        return train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch, resume=True)
+        result = train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch, resume=True)
+        threshold, _ = fit_threshold(result.model_path, val_bags, cfg.threshold_rule())  # validation bags only
+        log(f"decision threshold {threshold:.4g} ({describe_rule(cfg.threshold_rule().rule, cfg.threshold_rule().value)})")
+        return result
 
     timed("train", fit)
-    results = timed(
-        "evaluate", lambda: evaluate_sets(run_dir / "model.pt", tests, out_dir / "evaluation", cfg.threshold, progress)
-    )
+    # threshold None: the one stored in model.pt (fit above on validation), unchanged for every test set
+    results = timed("evaluate", lambda: evaluate_sets(run_dir / "model.pt", tests, out_dir / "evaluation", None, progress))
     return results  # type: ignore[return-value]

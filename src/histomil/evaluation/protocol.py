@@ -37,7 +37,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,7 +63,7 @@ from histomil.evaluation.bootstrap import (
 from histomil.evaluation.calibration import expected_calibration_error, plot_reliability
 from histomil.evaluation.evaluate import tile_truth_for
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
-from histomil.evaluation.threshold import RULES, choose_threshold, describe_rule
+from histomil.evaluation.threshold import RULES, ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.store import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.pipeline import (
@@ -91,23 +91,6 @@ class _Strict(BaseModel):
 
 def _small_study() -> StudySpec:
     return StudySpec(bag_size=40, train_bags=400, val_bags=100, test_bags=200, train_witnesses=(1, 20), val_witnesses=(1, 20))
-
-
-class ThresholdConfig(_Strict):
-    """How the decision threshold is chosen on validation bags (see :mod:`.threshold`)."""
-
-    rule: Literal["fixed", "youden", "sensitivity"] = "fixed"
-    value: float | None = None  # fixed: the threshold (0.5); sensitivity: the target (0.9); youden: none
-
-    @model_validator(mode="after")
-    def _check(self) -> ThresholdConfig:
-        if self.rule == "youden" and self.value is not None:
-            raise ValueError("the youden rule takes no value")
-        if self.rule == "fixed" and self.value is not None and not 0.0 <= self.value <= 1.0:
-            raise ValueError(f"a fixed threshold must lie in [0, 1], got {self.value}")
-        if self.rule == "sensitivity" and self.value is not None and not 0.0 < self.value <= 1.0:
-            raise ValueError(f"a target sensitivity must lie in (0, 1], got {self.value}")
-        return self
 
 
 class CrossValConfig(_Strict):
@@ -426,11 +409,7 @@ def _run_fold(
     holdout_sets: Mapping[str, Path],
 ) -> dict[str, Any]:
     """Compose, extract, train, choose the threshold on validation, evaluate; returns the fold record."""
-    from histomil.training.checkpoint import (
-        atomic_torch_save,
-        load_checkpoint,
-        read_checkpoint_dict,
-    )
+    from histomil.training.checkpoint import load_checkpoint
 
     cfg = run.cfg
     fold_dir = _seed_dir(run.out, seed) / f"fold_{fold}"
@@ -484,21 +463,13 @@ def _run_fold(
     del train_bags
 
     t0 = time.perf_counter()
-    model, _ = load_checkpoint(result.model_path)
-    val_pred = predict(model, val_bags)
     y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)  # type: ignore[arg-type]
-    p_val = np.array([p[1] for p, _ in val_pred], dtype=np.float64)
-    try:
-        threshold = choose_threshold(y_val, p_val, cfg.threshold.rule, cfg.threshold.value)
+    try:  # chosen on validation only and recorded in the checkpoint ('histomil evaluate' uses it too)
+        threshold, p_val = fit_threshold(result.model_path, val_bags, cfg.threshold)
     except HistomilError as exc:
         raise HistomilError(f"{feat_dir / 'val'}: {exc}") from None
     _write_predictions(fold_dir / "predictions_val.csv", [b.bag_id for b in val_bags], y_val, p_val, threshold)
-    # record the threshold in the checkpoint, so 'histomil evaluate' on this model uses it too
-    ckpt = read_checkpoint_dict(result.model_path)
-    ckpt.setdefault("extra", {}).update(
-        {"threshold": threshold, "threshold_rule": cfg.threshold.rule, "threshold_value": cfg.threshold.value}
-    )
-    atomic_torch_save(ckpt, result.model_path)
+    model, _ = load_checkpoint(result.model_path)
 
     test_sets = {n: feat_dir / n for n in (s["name"] for s in read_study(bags_dir)["splits"]) if n.startswith("test")}
     test_sets.update(holdout_sets)

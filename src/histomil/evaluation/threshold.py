@@ -18,9 +18,12 @@ gap between two validation scores is not decided by an arbitrary tie-break at th
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
 from sklearn.metrics import roc_curve
 
 from histomil.errors import HistomilError
@@ -80,3 +83,43 @@ def describe_rule(rule: str, value: float | None = None) -> str:
     if rule == "youden":
         return "Youden's J on validation"
     return f"sensitivity >= {DEFAULT_VALUE['sensitivity'] if value is None else value:g} on validation"
+
+
+class ThresholdConfig(BaseModel):
+    """How the decision threshold is chosen on validation bags (rules above); unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["fixed", "youden", "sensitivity"] = "fixed"
+    value: float | None = None  # fixed: the threshold (0.5); sensitivity: the target (0.9); youden: none
+
+    @model_validator(mode="after")
+    def _check(self) -> ThresholdConfig:
+        if self.rule == "youden" and self.value is not None:
+            raise ValueError("the youden rule takes no value")
+        if self.rule == "fixed" and self.value is not None and not 0.0 <= self.value <= 1.0:
+            raise ValueError(f"a fixed threshold must lie in [0, 1], got {self.value}")
+        if self.rule == "sensitivity" and self.value is not None and not 0.0 < self.value <= 1.0:
+            raise ValueError(f"a target sensitivity must lie in (0, 1], got {self.value}")
+        return self
+
+
+def fit_threshold(model_path: str | Path, val_bags: Sequence[Any], rule: ThresholdConfig) -> tuple[float, np.ndarray]:
+    """Choose the threshold on the validation bags only and record it in the checkpoint.
+
+    Returns ``(threshold, validation positive-class probabilities)``. The threshold, its rule and
+    value go into the checkpoint's ``extra`` (``load_checkpoint`` meta ``threshold``), so
+    ``evaluate``, ``predict`` and the report apply it unchanged to every test set.
+    """
+    from histomil.training.checkpoint import load_checkpoint, read_checkpoint_dict
+    from histomil.training.checkpoint_file import atomic_torch_save
+    from histomil.training.trainer import predict
+
+    model, _ = load_checkpoint(model_path)
+    y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)
+    p_val = np.array([p[1] for p, _ in predict(model, val_bags)], dtype=np.float64)
+    threshold = choose_threshold(y_val, p_val, rule.rule, rule.value)
+    ckpt = read_checkpoint_dict(model_path)
+    ckpt.setdefault("extra", {}).update({"threshold": threshold, "threshold_rule": rule.rule, "threshold_value": rule.value})
+    atomic_torch_save(ckpt, Path(model_path))
+    return threshold, p_val

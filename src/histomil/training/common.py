@@ -46,13 +46,17 @@ def takes_labels(model: nn.Module) -> bool:
     return "y" in inspect.signature(model.forward).parameters
 
 
-def bag_loss(out: MILOutput, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def bag_loss(
+    out: MILOutput, target: torch.Tensor, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy on the bag logits plus the model's own objectives.
 
     A model may scale the bag loss (``extras["loss_weight_bag"]``) and add auxiliary losses
     (``extras["aux_loss"]``): CLAM trains on 0.7 * bag loss + 0.3 * instance clustering loss.
+    ``label_smoothing`` = eps aims at ``1 - eps/2`` instead of 1 (binary), which bounds the logits the
+    loss asks for (eps = 0.1: |logit difference| <= log(19) = 2.9) instead of driving them to infinity.
     """
-    loss = F.cross_entropy(out.logits, target, weight=weight)
+    loss = F.cross_entropy(out.logits, target, weight=weight, label_smoothing=label_smoothing)
     extras = out.extras or {}
     if "loss_weight_bag" in extras:
         loss = loss * extras["loss_weight_bag"]

@@ -73,6 +73,10 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     min_epochs: int = Field(10, ge=0)  # early stopping never triggers before this epoch
     seed: int = 0
     class_weights: bool = False  # inverse-frequency weighted cross-entropy for unbalanced classes
+    # Targets 1 - eps/2 and eps/2 instead of 1 and 0. Without it the loss reaches ~1e-5 within two epochs and
+    # pushes logits to +-20: held-out patients then land on one side of 0.5 and the outcome flips with the
+    # training seed or bf16 rounding of the features (README, "Why the training defaults are what they are").
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", or "auto"
     # CPU threads while training (0 = torch's default). MIL heads on features are small: one thread is
     # about as fast as two on an idle 2-core machine and over 10x faster when another process competes.
@@ -216,7 +220,7 @@ def train_epoch(
         x, mask = _collate(batch, device)
         target = y[torch.from_numpy(idx).to(device)]
         out = model(x, mask, y=target) if labels_in else model(x, mask)
-        loss = bag_loss(out, target, weight)
+        loss = bag_loss(out, target, weight, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
