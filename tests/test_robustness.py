@@ -68,4 +68,6 @@ def test_bf16_sized_feature_noise_moves_test_accuracy_by_less_than_002(demo_feat
     noisy = _accuracies(feat_dir, cfg, tmp_path / "noisy", np.random.default_rng(7))
     for name in TESTS:
         assert abs(clean[name] - noisy[name]) < 0.02, (name, clean, noisy)
-        assert clean[name] >= 0.9, (name, clean)  # and the model is good, not merely stable
+        # and good, not merely stable: the old recipe (no label smoothing) gave 0.94 at W = 1 here (seed 0),
+        # and with seeds 1 / 2 moved by 0.05 under this noise or fell to 0.89 (benchmarks/RESULTS.md)
+        assert min(clean[name], noisy[name]) >= 0.95, (name, clean, noisy)
