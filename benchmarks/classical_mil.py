@@ -155,6 +155,7 @@ def select_epochs(
 def run_fold(
     model_name: str, train_x: list[torch.Tensor], train_y: np.ndarray, test_x: list[torch.Tensor], test_y: np.ndarray,
     epochs: int, seed: int, dropout: float, select: str = "fixed", max_epochs: int = 100, patience: int = 15,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, int]:
     """Train one registry model on one training fold; (its accuracy on the test fold, epochs trained).
 
@@ -165,7 +166,7 @@ def run_fold(
         return build_model(model_name, train_x[0].shape[-1], 2, dropout=dropout)
 
     def loss(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(x).logits, target)
+        return F.cross_entropy(model(x).logits, target, label_smoothing=label_smoothing)
 
     if select == "inner":
         epochs = select_epochs(make, loss, train_x, train_y, max_epochs, patience, seed)
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the bag loss (histomil's trainer defaults to 0.1; the paper's protocol has none)")
     p.add_argument("--select", choices=["fixed", "inner"], default="fixed",
                    help="fixed: --epochs epochs; inner: choose the epochs on a 20%% split of each training fold")
     p.add_argument("--max-epochs", type=int, default=100, help="--select inner: most epochs tried")
@@ -256,8 +259,9 @@ def run_all(a: argparse.Namespace) -> list[dict] | None:
                 for m in a.models:
                     t0 = time.perf_counter()
                     acc, epochs = run_fold(m, f.train_x, f.train_y, f.test_x, f.test_y, a.epochs, seed=f.seed,
-                                           dropout=a.dropout, select=a.select, max_epochs=a.max_epochs, patience=a.patience)
-                    label = m if a.select == "fixed" else f"{m}+inner"
+                                           dropout=a.dropout, select=a.select, max_epochs=a.max_epochs, patience=a.patience,
+                                           label_smoothing=a.label_smoothing)
+                    label = (m if a.select == "fixed" else f"{m}+inner") + (f"+ls{a.label_smoothing:g}" if a.label_smoothing else "")
                     rows.append({"dataset": ds, "model": label, "rep": f.rep, "fold": f.fold, "n_test": len(f.test_y),
                                  "accuracy": acc, "epochs": epochs, "seconds": round(time.perf_counter() - t0, 3)})
                     print(f"{ds} {label} rep {f.rep} fold {f.fold}: acc {acc:.3f}, {epochs} epochs "
