@@ -3,16 +3,19 @@
     python benchmarks/cpu_encoders.py                         # -> benchmarks/results/cpu_encoders.{json,csv,md}
     python benchmarks/cpu_encoders.py --out /tmp/c --quick    # smoke test: a few tiles, no compile, seconds
 
-Needs ``pip install onnxruntime openvino`` (``pip install -e '.[dev]'`` has both); rows whose
-package is missing are kept with the reason. Optional: ``timm`` adds a ViT-S/16 row (random weights).
+Needs ``pip install onnxruntime onnx openvino`` (``pip install -e '.[dev]'`` has them); rows whose
+package is missing are kept with the reason. Optional: ``timm`` (it pulls in torchvision) adds
+ViT-S/16 rows with random weights; the encoder registry has no ViT yet.
 
 1. **Encoder alone** (``encode`` table): the shipped EfficientNet-Lite0 (ImageNet weights) encoding
    ``--tiles`` tiles already decoded in memory (uint8 -> preprocess -> network -> float32
    features, :meth:`TileEncoder.encode` at ``--batch-size``), with ``--threads`` threads, one path
    after another within each repetition (interleaved, so a load spike hits every path alike), best
    of ``--repeats`` after one warm-up call per path (which also does compilation / conversion,
-   timed separately as ``build s``). Tiles: a seeded pick of distinct real EBHI tiles (``--data``),
-   or random uint8 (``--random``). Paths:
+   timed separately as ``build s``). Also the CPU seconds (user + system, every thread of this
+   process) per 1,000 tiles of the fastest pass: steadier than wall time when other jobs share the
+   cores. Tiles: a seeded pick of distinct real EBHI tiles (``--data``), or random uint8
+   (``--random``). Paths:
 
    * ``torch fp32 eager`` (the reference for feature differences), ``torch fp32 channels_last``;
    * ``torch bf16 eager``, ``torch bf16 channels_last``: autocast to bfloat16, on only the first
@@ -49,6 +52,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -149,6 +153,7 @@ class EncoderPath:
         self.status = "ok"
         self.build_seconds = float("nan")
         self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.features: np.ndarray | None = None
 
 
@@ -233,6 +238,12 @@ def encoder_paths(a: argparse.Namespace) -> list[EncoderPath]:
     return paths
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads: torch's, the runtimes', decoding)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def short_error(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text[:300]
@@ -257,9 +268,10 @@ def bench_encoders(a: argparse.Namespace, pixels: np.ndarray, log: Callable[[str
         for p in paths:
             if p.status != "ok":
                 continue
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             feats = p.encoder.encode(pixels[: p.n_tiles], batch_size=a.batch_size)
             p.seconds.append(time.perf_counter() - t0)
+            p.cpu_seconds.append(cpu_seconds() - c0)
             p.features = feats
             log(f"pass {rep + 1}/{a.repeats} {p.model} / {p.name}: {p.n_tiles / p.seconds[-1]:.1f} tiles/s")
 
@@ -271,10 +283,12 @@ def bench_encoders(a: argparse.Namespace, pixels: np.ndarray, log: Callable[[str
         row: dict[str, Any] = {
             "model": p.model, "path": p.name, "precision": p.precision, "status": p.status, "n_tiles": p.n_tiles,
             "batch_size": a.batch_size, "build_seconds": p.build_seconds, "seconds": p.seconds,
+            "cpu_seconds": p.cpu_seconds,
         }
         if p.seconds:
             row["tiles_per_s"] = p.n_tiles / min(p.seconds)
             row["tiles_per_s_median"] = p.n_tiles / statistics.median(p.seconds)
+            row["cpu_s_per_1000_tiles"] = 1000 * min(p.cpu_seconds) / p.n_tiles
         ref = refs.get(p.model)
         if p.features is not None and ref is not None:
             r = ref[: p.n_tiles].astype(np.float64)
@@ -304,17 +318,19 @@ def as_bags(paths: list[Path]) -> list:
     return [Bag(f"bag{i // BAG_SIZE:04d}", tuple(paths[i : i + BAG_SIZE]), None) for i in range(0, len(paths), BAG_SIZE)]
 
 
-def extract_once(bags: list, encoder: Any, batch_size: int) -> float:
-    """Seconds of one ``extract_bags`` run into a fresh folder with an empty cache."""
+def extract_once(bags: list, encoder: Any, batch_size: int, cpu_used: list[float] | None = None) -> float:
+    """Seconds of one ``extract_bags`` run into a fresh folder with an empty cache (its CPU seconds into ``cpu_used[0]``)."""
+    cpu_used = [0.0] if cpu_used is None else cpu_used
     from histomil.features.cache import FeatureCache
     from histomil.features.extract import extract_bags
 
     tmp = Path(tempfile.mkdtemp(prefix="histomil-cpu-encoders-"))
     try:
         cache = FeatureCache.for_encoder(tmp / "cache", encoder)
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         summary = extract_bags(bags, tmp / "features", encoder, cache, batch_size, 1)
         seconds = time.perf_counter() - t0
+        cpu_used[0] = cpu_seconds() - c0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = sum(len(b) for b in bags)
@@ -358,7 +374,7 @@ def bench_extract(a: argparse.Namespace, tiles: list[Path], log: Callable[[str],
     encoders: dict[str, Any] = {}
     for runtime in a.runtimes:
         row: dict[str, Any] = {"runtime": runtime, "precision": "fp32", "n_tiles": len(tiles), "n_bags": len(bags),
-                               "status": "ok", "seconds": [], "cli_seconds": float("nan")}
+                               "status": "ok", "seconds": [], "cpu_seconds": [], "cli_seconds": float("nan")}
         try:
             t0 = time.perf_counter()
             enc = with_runtime(build_encoder("efficientnet_lite0", precision="fp32", channels_last=True), runtime)
@@ -371,13 +387,16 @@ def bench_extract(a: argparse.Namespace, tiles: list[Path], log: Callable[[str],
     for rep in range(a.repeats):
         for row in rows:
             if row["status"] == "ok":
-                row["seconds"].append(extract_once(bags, encoders[row["runtime"]], a.batch_size))
+                used = [0.0]
+                row["seconds"].append(extract_once(bags, encoders[row["runtime"]], a.batch_size, used))
+                row["cpu_seconds"].append(used[0])
                 log(f"extract pass {rep + 1}/{a.repeats} {row['runtime']}: {len(tiles) / row['seconds'][-1]:.1f} tiles/s")
     encoders.clear()
     for row in rows:
         if row["seconds"]:
             row["tiles_per_s"] = len(tiles) / min(row["seconds"])
             row["tiles_per_s_median"] = len(tiles) / statistics.median(row["seconds"])
+            row["cpu_s_per_1000_tiles"] = 1000 * min(row["cpu_seconds"]) / len(tiles)
     if not a.no_cli:
         for row in rows:
             if row["status"] != "ok":
@@ -442,20 +461,20 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"## Encoder alone, tiles/s ({s['tile_source']}, batch {s['batch_size']}, best of {s['repeats']} interleaved passes after a warm-up)",
         "",
-        "| model | path | tiles | tiles/s (best) | tiles/s (median) | vs fp32 eager | build + warm-up s | max abs diff | rel (÷ max abs feature) | min cosine |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | path | tiles | tiles/s (best) | tiles/s (median) | vs fp32 eager | CPU s / 1k tiles | build + warm-up s | max abs diff | rel (÷ max abs feature) | min cosine |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ref = {r["model"]: r.get("tiles_per_s") for r in result["encoders"] if r["path"] == "torch fp32 eager"}
     for r in result["encoders"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['path']} | — | {r['status']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['path']} | — | {r['status']} | | | | | | | |")
             continue
         base = ref.get(r["model"])
         ratio = f"{r['tiles_per_s'] / base:.2f}x" if base else "—"
         diff = "0 (reference)" if r["path"] == "torch fp32 eager" else fmt(r.get("max_abs_diff"), 2)
         rel = "—" if r["path"] == "torch fp32 eager" else fmt(r.get("rel_max_abs_diff"), 2)
         lines.append(f"| {r['model']} | {r['path']} | {r['n_tiles']} | {fmt(r['tiles_per_s'])} | "
-                     f"{fmt(r['tiles_per_s_median'])} | {ratio} | {fmt(r['build_seconds'], 2)} | {diff} | {rel} | "
+                     f"{fmt(r['tiles_per_s_median'])} | {ratio} | {fmt(r['cpu_s_per_1000_tiles'])} | {fmt(r['build_seconds'], 2)} | {diff} | {rel} | "
                      f"{fmt(r.get('min_cosine'), 7)} |")
     lines += [
         "",
@@ -475,17 +494,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"of {s['repeats']} interleaved passes after a warm-up. CLI: one `histomil features extract <manifest> --precision "
             "fp32 --runtime R` process, wall seconds including start-up, model build and graph conversion.",
             "",
-            "| runtime | tiles/s (best) | tiles/s (median) | vs torch | build s (in process) | CLI wall s |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| runtime | tiles/s (best) | tiles/s (median) | vs torch | CPU s / 1k tiles | build s (in process) | CLI wall s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         base = next((r.get("tiles_per_s") for r in e if r["runtime"] == "torch"), None)
         for r in e:
             if r["status"] != "ok":
-                lines.append(f"| {r['runtime']} | {r['status']} | | | | |")
+                lines.append(f"| {r['runtime']} | {r['status']} | | | | | |")
                 continue
             ratio = f"{r['tiles_per_s'] / base:.2f}x" if base else "—"
             cli = fmt(r.get("cli_seconds"), 3) if "cli_status" not in r else r["cli_status"]
-            lines.append(f"| {r['runtime']} | {fmt(r['tiles_per_s'])} | {fmt(r['tiles_per_s_median'])} | {ratio} | "
+            lines.append(f"| {r['runtime']} | {fmt(r['tiles_per_s'])} | {fmt(r['tiles_per_s_median'])} | {ratio} | {fmt(r['cpu_s_per_1000_tiles'])} | "
                          f"{fmt(r.get('build_seconds'), 2)} | {cli} |")
     d = result["decision"]
     lines += ["", "## Decision", "", f"Rule: an alternative runtime must be >= {d.get('min_speedup')}x the best torch fp32 path "
@@ -499,7 +518,7 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "cpu_encoders.json", result)
     keys = ["model", "path", "precision", "status", "n_tiles", "batch_size", "tiles_per_s", "tiles_per_s_median",
-            "build_seconds", "max_abs_diff", "feature_scale", "rel_max_abs_diff", "max_tile_rel_l2", "min_cosine",
+            "cpu_s_per_1000_tiles", "build_seconds", "max_abs_diff", "feature_scale", "rel_max_abs_diff", "max_tile_rel_l2", "min_cosine",
             "within_tolerance", "speedup_vs_best_torch_fp32"]
     m = result["machine"]
     extra = {"cpu": m["cpu_model_name"], "cpu_capability": m["torch_cpu_capability"], "threads": result["settings"]["threads"],
@@ -515,7 +534,8 @@ def write_outputs(out: Path, result: dict[str, Any]) -> None:
     write_csv(out / "cpu_encoders.csv", result["encoders"], keys)
     if result.get("extract"):
         write_csv(out / "cpu_encoders_extract.csv", result["extract"],
-                  ["runtime", "precision", "status", "n_tiles", "n_bags", "tiles_per_s", "tiles_per_s_median", "build_seconds", "cli_seconds"])
+                  ["runtime", "precision", "status", "n_tiles", "n_bags", "tiles_per_s", "tiles_per_s_median", "cpu_s_per_1000_tiles",
+                   "build_seconds", "cli_seconds"])
     write_text(out / "cpu_encoders.md", markdown(result))
 
 
@@ -526,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="EBHI folder with tiles.csv (default ../shared/data/ebhi)")
     p.add_argument("--random", action="store_true", help="random uint8 tiles instead of EBHI (no end-to-end part)")
     p.add_argument("--tiles", type=int, default=None, help="tiles per fp32 pass (default 256; quick 8)")
-    p.add_argument("--bf16-tiles", type=int, default=None, help="tiles per bf16 pass (default 64; quick 2)")
+    p.add_argument("--bf16-tiles", type=int, default=None, help="tiles per bf16 pass (default 16; quick 2)")
     p.add_argument("--vit-tiles", type=int, default=None, help="tiles per ViT pass, 0: no ViT rows (default 64 when timm imports; quick 0)")
     p.add_argument("--vit-bf16-tiles", type=int, default=16, help="tiles per ViT bf16 pass (default 16)")
     p.add_argument("--paths", nargs="+", default=None, help="encoder paths to run by name (torch fp32 eager always runs)")
@@ -543,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     q = a.quick
     a.tiles = a.tiles or (8 if q else 256)
-    a.bf16_tiles = a.bf16_tiles or (2 if q else 64)
+    a.bf16_tiles = a.bf16_tiles or (2 if q else 16)
     a.batch_size = a.batch_size or (4 if q else 64)
     a.repeats = a.repeats or (1 if q else 3)
     a.e2e_tiles = (8 if q else 256) if a.e2e_tiles is None else a.e2e_tiles
