@@ -73,6 +73,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
 
+from histomil.hardware import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ebhi"
 BAG_SIZE = 40
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch (default 64, the CLI default; quick 8)")
     p.add_argument("--workers", type=int, default=1, help="pipeline decode threads (the CLI default)")
     p.add_argument("--precisions", nargs="+", choices=["bf16", "fp32"], default=None,
-                   help="encoder precisions, extraction and pixels (default bf16 fp32; quick bf16)")
+                   help="encoder precisions, extraction and pixels (default bf16 fp32; quick: what precision auto picks here)")
     p.add_argument("--repeats", type=int, default=None, help="extraction passes, median (default 3; quick 1)")
     p.add_argument("--models", nargs="+", default=None, help="default: every registry model (quick: abmil transmil)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
@@ -464,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     a.min_seconds = a.min_seconds if a.min_seconds is not None else (0.0 if q else 1.0)
     a.pixel_bags = a.pixel_bags or (1 if q else 3)
     a.pixel_tiles = a.pixel_tiles or (4 if q else BAG_SIZE)
-    a.precisions = a.precisions or (["bf16"] if q else ["bf16", "fp32"])
+    # quick (the smoke test): only what this machine runs fast; bf16 is emulated, 12-19x slower, without
+    # AVX512-BF16 / AMX (histomil.hardware)
+    a.precisions = a.precisions or ([resolve_precision("auto")] if q else ["bf16", "fp32"])
     if q and a.batch_size == 64:
         a.batch_size = 8
     for name in ("tiles", "batch_size", "workers", "repeats", "feature_bags", "pixel_bags", "pixel_tiles", "threads"):

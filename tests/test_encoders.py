@@ -139,8 +139,9 @@ def test_rejects_non_rgb_uint8_tiles(encoder: TileEncoder, bad: np.ndarray) -> N
 
 
 def test_bf16_channels_last_close_to_fp32(encoder: TileEncoder, real_tiles: np.ndarray) -> None:
+    """The one encoder test of the bf16 path (emulated, 12-19x slower, on CPUs without AVX512-BF16/AMX)."""
     ref = encoder.encode(real_tiles)
-    for precision, channels_last in [("bf16", False), ("fp32", True), ("bf16", True)]:
+    for precision, channels_last in [("bf16", True), ("fp32", True)]:
         fast = build_encoder(precision=precision, channels_last=channels_last)
         out = fast.encode(real_tiles)
         assert out.dtype == np.float32 and out.shape == ref.shape
