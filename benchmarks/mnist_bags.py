@@ -70,7 +70,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
 
-import histomil.models.small  # noqa: F401  (registers abmil_small / gated_abmil_small)
 from histomil.errors import HistomilError
 from histomil.features.store import atomic_write
 from histomil.models.base import MILOutput

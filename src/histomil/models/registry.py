@@ -18,6 +18,7 @@ from histomil.models.abmil import ABMIL
 from histomil.models.clam import CLAM
 from histomil.models.dsmil import DSMIL
 from histomil.models.pooling import MaxPoolMIL, MeanPoolMIL, MiNet
+from histomil.models.small import SmallABMIL
 from histomil.models.transmil import TransMIL
 
 ModelFactory = Callable[..., nn.Module]
@@ -32,6 +33,9 @@ MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "clam_mb": (CLAM, {"multi_branch": True}),
     "transmil": (TransMIL, {}),
     "dsmil": (DSMIL, {}),
+    # the small fc network of Ilse et al. 2018 (Table 1) for Musk / Elephant features
+    "abmil_small": (SmallABMIL, {"gated": False}),
+    "gated_abmil_small": (SmallABMIL, {"gated": True}),
 }
 
 
@@ -80,4 +84,3 @@ def _lookup(name: str) -> tuple[ModelFactory, dict[str, Any]]:
     if name not in MODELS:
         raise HistomilError(f"unknown model {name!r}; valid models: {', '.join(model_names())}")
     return MODELS[name]
-import histomil.models.small  # noqa: E402,F401  (registers abmil_small / gated_abmil_small)

@@ -16,7 +16,6 @@ from torch import nn
 from histomil.models.base import MILOutput
 from histomil.models.layers import AttentionPool
 from histomil.models.pooling import check_dropout
-from histomil.models.registry import register_model
 
 
 class SmallABMIL(nn.Module):
@@ -52,7 +51,3 @@ class SmallABMIL(nn.Module):
             raise ValueError(f"expected x of shape (B, N, D), got {tuple(x.shape)}")
         z, attention = self.pool(self.embed(x), mask)
         return MILOutput(logits=self.classifier(z), attention=attention, extras={"bag_embedding": z})
-
-
-register_model("abmil_small", SmallABMIL, {"gated": False})
-register_model("gated_abmil_small", SmallABMIL, {"gated": True})
