@@ -76,7 +76,21 @@ def summarise(out: Path, seeds: list[int]) -> dict:
         table[name] = {"accuracy": _mean_sd(acc), "accuracy_worst": min(acc), "roc_auc": _mean_sd(auc),
                        "roc_auc_worst": min(auc)}
     env = json.loads((out / f"seed_{seeds[0]}" / "environment.json").read_text())
-    return {"seeds": seeds, "per_seed": per_seed, "table": table, "environment": env}
+    return {"seeds": seeds, "per_seed": per_seed, "table": table, "environment": env,
+            "mean_probability_accuracy": {name: _mean_probability_accuracy(out, seeds, name) for name in sets}}
+
+
+def _mean_probability_accuracy(out: Path, seeds: list[int], name: str) -> float:
+    """Accuracy at 0.5 of the seeds' mean positive-class probability (a seed ensemble), bag by bag."""
+    probs: dict[str, list[float]] = {}
+    truth: dict[str, int] = {}
+    for s in seeds:
+        with open(out / f"seed_{s}" / "evaluation" / f"predictions_{name}.csv", newline="") as fh:
+            for r in csv.DictReader(fh):
+                probs.setdefault(r["bag_id"], []).append(float(r["prob_positive"]))
+                truth[r["bag_id"]] = int(r["y_true"])
+    hits = [(statistics.mean(p) >= 0.5) == (truth[b] == 1) for b, p in probs.items()]
+    return sum(hits) / len(hits)
 
 
 def markdown(summary: dict, command: str) -> str:
@@ -90,6 +104,9 @@ def markdown(summary: dict, command: str) -> str:
     ]
     for name, row in summary["table"].items():
         lines.append(f"| {name} | {row['accuracy']} | {row['accuracy_worst']:.3f} | {row['roc_auc']} | {row['roc_auc_worst']:.3f} |")
+    ens = summary["mean_probability_accuracy"]
+    lines += ["", "Accuracy of the seeds' mean probability (a seed ensemble): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in ens.items()) + "."]
     ratios = [v["late_over_early_epoch_time"] for v in summary["per_seed"].values()]
     epochs = [v["epochs"] for v in summary["per_seed"].values()]
     train_s = [v["timings"].get("train", float("nan")) for v in summary["per_seed"].values()]
@@ -106,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], help="override a config key, KEY=VALUE")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--summarise-only", action="store_true", help="rewrite seeds.json / seeds.md from finished runs")
     a = p.parse_args(argv)
     config_path = demo_config_path() if a.demo else a.config
     overrides = parse_overrides(a.overrides)
     a.out.mkdir(parents=True, exist_ok=True)
     first = a.out / f"seed_{a.seeds[0]}"
-    for s in a.seeds:
+    for s in [] if a.summarise_only else a.seeds:
         run = a.out / f"seed_{s}"
         if s != a.seeds[0]:
             _share_study(first, run)
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         run_study(cfg, run, log=lambda m: print(f"[seed {s}] {m}", flush=True))
         print(f"[seed {s}] done in {time.perf_counter() - t0:.0f} s", flush=True)
-    command = "python benchmarks/seeds.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/seeds.py " + " ".join(x for x in (sys.argv[1:] if argv is None else argv) if x != "--summarise-only")
     summary = summarise(a.out, a.seeds)
     summary["command"] = command
     (a.out / "seeds.json").write_text(json.dumps(summary, indent=2))
