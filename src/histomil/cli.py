@@ -248,6 +248,23 @@ def predict_cmd(
     _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
 
 
+@app.command("ensemble")
+@user_errors
+def ensemble_cmd(
+    models: list[Path] = typer.Argument(..., help="Two or more model checkpoints on the same features (e.g. one recipe, several seeds)."),
+    out: Path = typer.Option(..., "--out", help="The ensemble checkpoint to write (use it like any model.pt)."),
+) -> None:
+    """Combine trained models into one that averages their probabilities (a seed ensemble).
+
+    One seed can land a whole test patient's bags on the wrong side of 0.5 while another does not; the
+    mean of several seeds' probabilities is steadier (benchmarks/RESULTS.md, section 11).
+    """
+    from histomil.training.checkpoint import combine_checkpoints
+
+    combine_checkpoints(list(models), out)
+    _log(f"ensemble of {len(models)} models written to {out}")
+
+
 @app.command("compare")
 @user_errors
 def compare_cmd(

@@ -17,6 +17,7 @@ from histomil.errors import HistomilError
 from histomil.models.abmil import ABMIL
 from histomil.models.clam import CLAM
 from histomil.models.dsmil import DSMIL
+from histomil.models.ensemble import MeanProbabilityEnsemble
 from histomil.models.pooling import MaxPoolMIL, MeanPoolMIL, MiNet
 from histomil.models.small import SmallABMIL
 from histomil.models.transmil import TransMIL
@@ -37,6 +38,17 @@ MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
     "abmil_small": (SmallABMIL, {"gated": False}),
     "gated_abmil_small": (SmallABMIL, {"gated": True}),
 }
+
+
+def build_ensemble(in_dim: int, n_classes: int = 2, members: list[dict[str, Any]] | None = None) -> nn.Module:
+    """A :class:`MeanProbabilityEnsemble` of registry models, each given as ``{"model": name, "kwargs": {...}}``."""
+    specs = members or []
+    if not specs or any(not isinstance(m, dict) or "model" not in m or m["model"] == "ensemble" for m in specs):
+        raise ValueError("members must be a non-empty list of {'model': name, 'kwargs': {...}} (no nested ensembles)")
+    return MeanProbabilityEnsemble([build_model(m["model"], in_dim, n_classes, **m.get("kwargs", {})) for m in specs])
+
+
+MODELS["ensemble"] = (build_ensemble, {})
 
 
 def register_model(name: str, constructor: ModelFactory, defaults: dict[str, Any] | None = None) -> None:

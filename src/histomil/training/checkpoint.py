@@ -30,7 +30,7 @@ from histomil.training.checkpoint_file import (
 from histomil.training.pixels import model_from_checkpoint
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "KINDS", "REBUILD", "atomic_torch_save", "feature_model_from_checkpoint",
+    "FORMAT", "FORMAT_VERSION", "KINDS", "REBUILD", "atomic_torch_save", "combine_checkpoints", "feature_model_from_checkpoint",
     "load_checkpoint", "read_checkpoint_dict", "save_checkpoint",
 ]
 
@@ -60,3 +60,39 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except HistomilError as exc:
         raise HistomilError(f"{path}: {exc}") from None
     return with_weights(path, data, model, device)
+
+
+def combine_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
+    """Write one checkpoint that averages the probabilities of several trained feature models.
+
+    The models (e.g. the same recipe trained with different seeds) must take the same features: the
+    same feature dimension, classes and encoder. The result is an ordinary checkpoint of the registry
+    model ``ensemble`` (:class:`histomil.models.ensemble.MeanProbabilityEnsemble`) with threshold 0.5,
+    so ``evaluate``, ``predict``, heatmaps and reports use it unchanged.
+    """
+    if len(paths) < 2:
+        raise HistomilError("an ensemble needs at least two model checkpoints")
+    datas = [read_model_checkpoint(Path(p)) for p in paths]
+    first = datas[0]
+    enc0 = (first.get("encoder_info") or {}).get("name")
+    for path, data in zip(paths, datas):
+        if data.get("kind", "features") != "features":
+            raise HistomilError(f"{path}: only models on cached features can be combined (this one takes pixels)")
+        if data["model_name"] == "ensemble":
+            raise HistomilError(f"{path}: is an ensemble already; combine its members instead")
+        if (int(data["in_dim"]), int(data["n_classes"])) != (int(first["in_dim"]), int(first["n_classes"])):
+            raise HistomilError(f"{path}: takes {data['in_dim']}-d features and {data['n_classes']} classes, "
+                                f"{paths[0]} takes {first['in_dim']}-d and {first['n_classes']}")
+        enc = (data.get("encoder_info") or {}).get("name")
+        if enc != enc0:
+            raise HistomilError(f"{path}: trained on features of encoder {enc!r}, {paths[0]} on {enc0!r}")
+    members = [{"model": d["model_name"], "kwargs": dict(d["model_kwargs"])} for d in datas]
+    model = build_model("ensemble", int(first["in_dim"]), int(first["n_classes"]), members=members)
+    state = {f"members.{i}.{k}": v for i, d in enumerate(datas) for k, v in d["state_dict"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise HistomilError(f"ensemble: member weights do not match their models ({str(exc).splitlines()[0]})") from None
+    extra = {"members": [str(p) for p in paths], "member_best_epochs": [(d.get("extra") or {}).get("best_epoch") for d in datas]}
+    return save_checkpoint(out, model, "ensemble", {"members": members}, int(first["n_classes"]), first.get("encoder_info"),
+                           {"ensemble_of": [str(p) for p in paths]}, extra=extra, in_dim=int(first["in_dim"]))
