@@ -59,7 +59,8 @@ def register_model(name: str, constructor: ModelFactory, defaults: dict[str, Any
 
 
 def model_names() -> list[str]:
-    return sorted(MODELS)
+    """The models that train from their name and defaults (an ``ensemble`` is built from trained members)."""
+    return sorted(name for name in MODELS if name != "ensemble")
 
 
 def model_options(name: str) -> dict[str, Any]:
