@@ -18,11 +18,11 @@ from histomil import config
 from histomil.data.bags import load_bag_folders
 from histomil.data.compose import StudySpec, compose_study, read_study, read_tile_table
 from histomil.errors import HistomilError
+from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features.runtimes import with_runtime
-from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.store import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
