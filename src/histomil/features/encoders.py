@@ -125,22 +125,29 @@ class TileEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 tiles (B, H, W, 3) -> (B, dim) float32 embeddings, computed in eval mode."""
-        if batch_size < 1:
-            raise HistomilError(f"batch size must be at least 1, got {batch_size}")
-        arr = np.asarray(tiles)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim == 4 and arr.shape[0] == 0 and arr.dtype == np.uint8:
-            return np.zeros((0, self.info.dim), dtype=np.float32)
-        keep_freed_memory()  # 2.4x less CPU per tile on glibc (see histomil.runtime)
-        flush_denormals()
         was_training = self.training
         self.eval()
         try:
-            out = [self(self.preprocess(arr[i : i + batch_size])).cpu() for i in range(0, len(arr), batch_size)]
+            return encode_in_batches(self, tiles, batch_size)
         finally:
             self.train(was_training)
-        return torch.cat(out).numpy().astype(np.float32, copy=False)
+
+
+@torch.no_grad()
+def encode_in_batches(encoder: Any, tiles: np.ndarray, batch_size: int) -> np.ndarray:
+    """uint8 tiles (B, H, W, 3) or (H, W, 3) -> (B, dim) float32: ``encoder(encoder.preprocess(batch))``
+    batch by batch. Shared by :class:`TileEncoder` and the other CPU runtimes (:mod:`.runtimes`)."""
+    if batch_size < 1:
+        raise HistomilError(f"batch size must be at least 1, got {batch_size}")
+    arr = np.asarray(tiles)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim == 4 and arr.shape[0] == 0 and arr.dtype == np.uint8:
+        return np.zeros((0, encoder.info.dim), dtype=np.float32)
+    keep_freed_memory()  # 2.4x less CPU per tile on glibc (see histomil.runtime)
+    flush_denormals()
+    out = [encoder(encoder.preprocess(arr[i : i + batch_size])).cpu() for i in range(0, len(arr), batch_size)]
+    return torch.cat(out).numpy().astype(np.float32, copy=False)
 
 
 def efficientnet_lite0_encoder(

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from histomil.errors import HistomilError
-from histomil.runtime import keep_freed_memory
+from histomil.features.encoders import encode_in_batches
 
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 AUTO_RUNTIME = "openvino"  # the fastest fp32 runtime measured on CPU (benchmarks/RESULTS.md)
@@ -222,19 +222,9 @@ class RuntimeEncoder(nn.Module):
             **self.info.to_dict(), "encoder": self.info.name, "precision": self.precision}
         return {**base, "runtime": self.runtime}
 
-    @torch.no_grad()
     def encode(self, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 tiles (B, H, W, 3) -> (B, dim) float32 embeddings."""
-        if batch_size < 1:
-            raise HistomilError(f"batch size must be at least 1, got {batch_size}")
-        arr = np.asarray(tiles)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim == 4 and arr.shape[0] == 0 and arr.dtype == np.uint8:
-            return np.zeros((0, self.info.dim), dtype=np.float32)
-        keep_freed_memory()
-        out = [self(self.preprocess(arr[i : i + batch_size])).numpy() for i in range(0, len(arr), batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return encode_in_batches(self, tiles, batch_size)
 
     def extra_repr(self) -> str:
         return f"runtime={self.runtime}, conversion={self.conversion}, threads={self.threads}"
