@@ -1,7 +1,9 @@
-"""Small helpers shared by the benchmark scripts: atomic text/JSON output and a machine description."""
+"""Small helpers shared by the benchmark scripts: atomic text/JSON output, a machine description and
+a seeded pick of distinct real tiles."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -9,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from histomil.features.store import atomic_write
@@ -61,3 +64,24 @@ def training_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.T
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+def pick_tiles(data: Path, n: int, seed: int) -> list[Path]:
+    """``n`` EBHI tiles with distinct contents, a seeded random pick from ``data``/tiles.csv."""
+    from histomil.data.images import file_digest
+    from histomil.errors import HistomilError
+
+    table = data / "tiles.csv"
+    if not table.is_file():
+        raise HistomilError(f"{table}: not found (--data must be the EBHI folder with tiles.csv)")
+    with open(table, newline="") as fh:
+        paths = [data / row["path"] for row in csv.DictReader(fh)]
+    out, seen = [], set()
+    for i in np.random.default_rng(seed).permutation(len(paths)):
+        digest = file_digest(paths[i])
+        if digest not in seen:
+            seen.add(digest)
+            out.append(paths[i])
+            if len(out) == n:
+                return out
+    raise HistomilError(f"{table}: only {len(out)} distinct tiles, {n} asked for")

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json, write_text
+from common import machine, pick_tiles, write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ebhi"
@@ -116,26 +116,6 @@ def versions() -> dict[str, str]:
 
 
 # --- tiles -----------------------------------------------------------------------------------------
-
-
-def pick_tiles(data: Path, n: int, seed: int) -> list[Path]:
-    """``n`` EBHI tiles with distinct contents, a seeded random pick from ``data``/tiles.csv."""
-    from histomil.data.images import file_digest
-
-    table = data / "tiles.csv"
-    if not table.is_file():
-        raise SystemExit(f"{table}: not found (--data must be the EBHI folder with tiles.csv), or use --random")
-    with open(table, newline="") as fh:
-        paths = [data / row["path"] for row in csv.DictReader(fh)]
-    out, seen = [], set()
-    for i in np.random.default_rng(seed).permutation(len(paths)):
-        digest = file_digest(paths[i])
-        if digest not in seen:
-            seen.add(digest)
-            out.append(paths[i])
-            if len(out) == n:
-                return out
-    raise SystemExit(f"{table}: only {len(out)} distinct tiles, {n} asked for")
 
 
 # --- encoder paths ---------------------------------------------------------------------------------
@@ -584,8 +564,12 @@ def main(argv: list[str] | None = None) -> int:
         tiles, source = [], f"{a.tiles} random uint8 tiles, 224x224"
     else:
         from histomil.data.images import read_rgb
+        from histomil.errors import HistomilError
 
-        tiles = pick_tiles(a.data, max(a.tiles, a.e2e_tiles), a.seed)
+        try:
+            tiles = pick_tiles(a.data, max(a.tiles, a.e2e_tiles), a.seed)
+        except HistomilError as exc:
+            raise SystemExit(f"{exc} (or use --random)") from None
         pixels = np.stack([read_rgb(t) for t in tiles[: a.tiles]])
         source = f"{a.tiles} real EBHI tiles ({pixels.shape[1]}x{pixels.shape[2]}, distinct, seed {a.seed})"
     from histomil.features.runtimes import FEATURE_TOLERANCE

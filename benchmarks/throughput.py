@@ -53,7 +53,6 @@ Writes ``throughput.json`` (every pass time, settings, machine, load average bef
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import resource
@@ -71,7 +70,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json, write_text
+from common import machine, pick_tiles, write_json, write_text
 
 from histomil.hardware import resolve_precision
 
@@ -132,28 +131,6 @@ def with_seconds(bags_per_s: float | None) -> str:
     if not bags_per_s or not math.isfinite(bags_per_s):
         return "—"
     return f"{fmt(bags_per_s)} ({fmt(1 / bags_per_s)} s)"
-
-
-def pick_tiles(data: Path, n: int, seed: int) -> list[Path]:
-    """``n`` EBHI tiles with distinct contents, a seeded random pick from ``data``/tiles.csv."""
-    from histomil.data.images import file_digest
-    from histomil.errors import HistomilError
-
-    table = data / "tiles.csv"
-    if not table.is_file():
-        raise HistomilError(f"{table}: not found (--data must be the EBHI folder with tiles.csv)")
-    with open(table, newline="") as fh:
-        paths = [data / row["path"] for row in csv.DictReader(fh)]
-    order = np.random.default_rng(seed).permutation(len(paths))
-    out, seen = [], set()
-    for i in order:
-        digest = file_digest(paths[i])
-        if digest not in seen:
-            seen.add(digest)
-            out.append(paths[i])
-            if len(out) == n:
-                return out
-    raise HistomilError(f"{table}: only {len(out)} distinct tiles, {n} asked for")
 
 
 def as_bags(paths: list[Path], size: int, prefix: str = "bag", labelled: bool = True) -> list:

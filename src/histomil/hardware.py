@@ -34,29 +34,31 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (Linux; x86 'flags', ARM 'Features'); empty elsewhere."""
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each key of /proc/cpuinfo (Linux); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
-        return frozenset()
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+        info.setdefault(key.strip(), value.strip())
+    return info
 
 
-@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """CPU feature flags (x86 'flags', ARM 'Features'); empty where /proc/cpuinfo has none."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features") or "").split())
+
+
 def cpu_name() -> str:
     """The CPU model as the OS names it (e.g. 'AMD EPYC 9454P'), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
+    info = _cpuinfo()
+    for key in ("model name", "Model", "Hardware"):
+        if info.get(key):
+            return info[key]
     return platform.processor() or platform.machine() or "unknown CPU"
 
 

@@ -168,8 +168,7 @@ def extract_bags(
         raise HistomilError(f"--on-bad-tile must be 'error' or 'skip', not {on_bad_tile!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = encoder.info
-    attrs = encoder.feature_attrs() if hasattr(encoder, "feature_attrs") else {**info.to_dict(), "encoder": info.name}
+    attrs = encoder.feature_attrs()  # encoder, precision, runtime, hardware
     summary = ExtractionSummary(n_bags=len(bags))
     todo = [
         b for b in bags if overwrite or not _existing_ok(out_dir / f"{b.bag_id}.h5", len(b.tile_paths), attrs)

@@ -99,19 +99,6 @@ def with_runtime(encoder: nn.Module, runtime: str = "auto", threads: int | None 
     return RuntimeEncoder(encoder, resolved, threads=threads)
 
 
-def build_runtime_encoder(
-    name: str = "efficientnet_lite0",
-    pretrained: bool = True,
-    precision: str = "auto",
-    channels_last: bool = True,
-    runtime: str = "auto",
-) -> nn.Module:
-    """:func:`~histomil.features.encoders.build_encoder`, then :func:`with_runtime`."""
-    from histomil.features.encoders import build_encoder
-
-    return with_runtime(build_encoder(name, pretrained=pretrained, precision=precision, channels_last=channels_last), runtime)
-
-
 class _Features(nn.Module):
     """The part that is converted: normalised pixels (B, 3, S, S) -> pooled features (B, D)."""
 
@@ -218,9 +205,7 @@ class RuntimeEncoder(nn.Module):
 
     def feature_attrs(self) -> dict[str, Any]:
         """The wrapped encoder's feature-file attributes, with this runtime."""
-        base = self.encoder.feature_attrs() if hasattr(self.encoder, "feature_attrs") else {
-            **self.info.to_dict(), "encoder": self.info.name, "precision": self.precision}
-        return {**base, "runtime": self.runtime}
+        return {**self.encoder.feature_attrs(), "runtime": self.runtime}
 
     def encode(self, tiles: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 tiles (B, H, W, 3) -> (B, dim) float32 embeddings."""

@@ -235,10 +235,7 @@ def iter_tile_batches(
 
 
 def _encoder_attrs(encoder: torch.nn.Module) -> dict[str, Any]:
-    if hasattr(encoder, "feature_attrs"):
-        return encoder.feature_attrs()  # type: ignore[operator]
-    info = encoder.info
-    return {**info.to_dict(), "encoder": info.name, "precision": str(getattr(encoder, "precision", "fp32"))}
+    return encoder.feature_attrs()  # type: ignore[operator]  # TileEncoder or runtimes.RuntimeEncoder
 
 
 def _nan(v: float | None) -> float:
