@@ -18,10 +18,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_robustness as robustness  # noqa: E402  (the test's own study and training)
 
-from histomil.data.compose import compose_study, read_tile_table  # noqa: E402
-from histomil.pipeline import FeatureConfig, extract_study, load_config  # noqa: E402
-from histomil.resources import demo_config_path  # noqa: E402
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,16 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = p.parse_args(argv)
-    cfg = load_config(demo_config_path(), {"study.train_bags": 200, "study.val_bags": 60, "study.test_bags": 100})
-    if not (a.out / "features").is_dir():
-        c = cfg.columns
-        compose_study(read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split), cfg.study, a.out / "bags")
-        extract_study(a.out / "bags", a.out / "features", FeatureConfig(precision="auto", batch_size=64))
+    features, cfg = robustness.reduced_demo_study(a.out)
     for eps in a.eps:
         for seed in a.seeds:
             cfg.train = cfg.train.model_copy(update={"label_smoothing": eps, "seed": seed})
-            clean = robustness._accuracies(a.out / "features", cfg, a.out / f"clean_{eps}_{seed}", None)
-            noisy = robustness._accuracies(a.out / "features", cfg, a.out / f"noisy_{eps}_{seed}", np.random.default_rng(7))
+            clean = robustness.train_and_test_accuracies(features, cfg, a.out / f"clean_{eps}_{seed}", None)
+            noisy = robustness.train_and_test_accuracies(features, cfg, a.out / f"noisy_{eps}_{seed}", np.random.default_rng(7))
             print(f"label_smoothing {eps} seed {seed}: clean {clean} noisy {noisy}", flush=True)
     return 0
 

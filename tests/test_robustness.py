@@ -26,15 +26,20 @@ TESTS = ("test_40_20", "test_40_10", "test_40_5", "test_40_1")
 BF16_RELATIVE = 2.0**-8
 
 
-@pytest.fixture(scope="module")
-def demo_features(tmp_path_factory) -> tuple[Path, object]:
-    """The demo study (fewer bags, so that two trainings fit in the suite) and its features."""
+def reduced_demo_study(root: Path) -> tuple[Path, object]:
+    """The demo study with fewer bags (so that two trainings fit in the suite), composed and extracted
+    under ``root`` once (a finished study is reused); returns its feature folder and the run config."""
     cfg = load_config(demo_config_path(), {"study.train_bags": 200, "study.val_bags": 60, "study.test_bags": 100})
-    root = tmp_path_factory.mktemp("demo_study")
-    c = cfg.columns
-    compose_study(read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split), cfg.study, root / "bags")
+    if not (root / "bags" / "study.json").is_file():
+        c = cfg.columns
+        compose_study(read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split), cfg.study, root / "bags")
     extract_study(root / "bags", root / "features", FeatureConfig(precision="auto", batch_size=64))
     return root / "features", cfg
+
+
+@pytest.fixture(scope="module")
+def demo_features(tmp_path_factory) -> tuple[Path, object]:
+    return reduced_demo_study(tmp_path_factory.mktemp("demo_study"))
 
 
 def _perturbed(bags: list[FeatureBag], rng: np.random.Generator) -> list[FeatureBag]:
@@ -46,7 +51,7 @@ def _perturbed(bags: list[FeatureBag], rng: np.random.Generator) -> list[Feature
     return out
 
 
-def _accuracies(feat_dir: Path, cfg, out: Path, rng: np.random.Generator | None) -> dict[str, float]:
+def train_and_test_accuracies(feat_dir: Path, cfg, out: Path, rng: np.random.Generator | None) -> dict[str, float]:
     splits = {n: load_feature_dataset(feat_dir / n, require_labels=True) for n in ("train", "val", *TESTS)}
     if rng is not None:
         splits = {n: _perturbed(bags, rng) for n, bags in splits.items()}
@@ -64,8 +69,8 @@ def _accuracies(feat_dir: Path, cfg, out: Path, rng: np.random.Generator | None)
 
 def test_bf16_sized_feature_noise_moves_test_accuracy_by_less_than_002(demo_features, tmp_path) -> None:
     feat_dir, cfg = demo_features
-    clean = _accuracies(feat_dir, cfg, tmp_path / "clean", None)
-    noisy = _accuracies(feat_dir, cfg, tmp_path / "noisy", np.random.default_rng(7))
+    clean = train_and_test_accuracies(feat_dir, cfg, tmp_path / "clean", None)
+    noisy = train_and_test_accuracies(feat_dir, cfg, tmp_path / "noisy", np.random.default_rng(7))
     for name in TESTS:
         assert abs(clean[name] - noisy[name]) < 0.02, (name, clean, noisy)
         # and good, not merely stable: the old recipe (no label smoothing) gave 0.94 at W = 1 here (seed 0),
