@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from histomil import config
 from histomil.data.bags import load_bag_folders
@@ -26,6 +26,7 @@ from histomil.features.runtimes import with_runtime
 from histomil.features.store import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
+from histomil.training.checkpoint import combine_checkpoints
 from histomil.training.trainer import TrainConfig, train
 
 
@@ -63,6 +64,10 @@ class StudyRunConfig(_Strict):
     # the decision threshold: a number (fixed), or {rule: youden} / {rule: sensitivity, value: 0.9}
     # chosen on the validation bags only; either way it is stored in model.pt and applied to every test set
     threshold: float | ThresholdConfig = 0.5
+    # how many models to train (seeds train.seed, train.seed + 1, ...); more than one: the model is the
+    # mean of their probabilities (a seed ensemble), which removes the single-seed knife edge on new
+    # patients at that many times the training time (README, "Why the training defaults are what they are")
+    ensemble_seeds: int = Field(1, ge=1, le=20)
 
     def threshold_rule(self) -> ThresholdConfig:
         """``threshold`` as a rule (a plain number is the fixed rule)."""
@@ -152,10 +157,20 @@ def run_study(
         val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
         encoder_info = dict(train_bags[0].attrs)  # encoder, resolved precision and hardware (from extraction)
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), cfg.train.epochs)) if progress else None
-        result = train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch, resume=True)
-        threshold, _ = fit_threshold(result.model_path, val_bags, cfg.threshold_rule())  # validation bags only
+        if cfg.ensemble_seeds == 1:
+            model_path = train(train_bags, val_bags, cfg.train, run_dir, encoder_info=encoder_info, on_epoch=on_epoch,
+                               resume=True).model_path
+        else:
+            members = []
+            for seed in range(cfg.train.seed, cfg.train.seed + cfg.ensemble_seeds):
+                log(f"ensemble member: seed {seed}")
+                member_cfg = cfg.train.model_copy(update={"seed": seed})
+                members.append(train(train_bags, val_bags, member_cfg, run_dir / f"seed-{seed}", encoder_info=encoder_info,
+                                     on_epoch=on_epoch, resume=True).model_path)
+            model_path = combine_checkpoints(members, run_dir / "model.pt")
+        threshold, _ = fit_threshold(model_path, val_bags, cfg.threshold_rule())  # validation bags only
         log(f"decision threshold {threshold:.4g} ({describe_rule(cfg.threshold_rule().rule, cfg.threshold_rule().value)})")
-        return result
+        return model_path
 
     timed("train", fit)
     # threshold None: the one stored in model.pt (fit above on validation), unchanged for every test set
