@@ -135,13 +135,14 @@ def test_stamp_micrometres_become_level0_pixels_with_mpp(tmp_path: Path) -> None
     assert bag.tile_paths[4] == "512_512"
     # without the resolution, no coordinates rather than micrometres posing as pixels
     bag = load_any_features(p)
-    assert bag.coords is None and "micrometres" in bag.attrs["coords_dropped"]
+    assert bag.coords is None and "micrometres" in bag.attrs["coords_missing"]
     # pixel-unit STAMP files (its multiplex path) keep their coordinates as they are
     bag = load_any_features(write_stamp(tmp_path / "px.h5", f, px.astype(np.float32), unit="px"))
     np.testing.assert_array_equal(bag.coords, px)
-    # STAMP before 'unit' existed: micrometres
-    bag = load_any_features(write_stamp(tmp_path / "old.h5", f, um, unit=None), mpp=0.5)
-    np.testing.assert_array_equal(bag.coords, px // 2)
+    # STAMP v1 (no 'unit'): pixels of 224-px tiles covering 256 um (tests/test_interop_cli.py checks more)
+    v1 = grid(7, step=224).astype(np.float32)
+    bag = load_any_features(write_stamp(tmp_path / "old.h5", f, v1, unit=None), mpp=0.5)
+    np.testing.assert_array_equal(bag.coords, grid(7, step=512))  # a 224-px step is 256 um, 512 px at 0.5 um/px
 
 
 def test_histomil_files_read_as_themselves(tmp_path: Path) -> None:

@@ -1,26 +1,37 @@
-"""Read tile-feature files written by other tools as :class:`FeatureBag` objects.
+"""The one reader of tile-feature files: histomil's own, CLAM, TRIDENT and STAMP, normalised.
 
 So features extracted once with CLAM, TRIDENT or STAMP (often with large foundation-model encoders)
-can be trained on and evaluated with histomil without re-extraction. Recognised layouts:
+can be trained on, evaluated, predicted and drawn with histomil without re-extraction. Every command
+reads feature files through :func:`load_any_features` / :func:`load_features_folder`. Layouts:
 
 * ``histomil``: our own per-bag HDF5 (``features``, ``tile_paths``, file attributes; see
-  :mod:`histomil.features.store`). Slide feature files from :mod:`histomil.slides.features` are of
-  this kind and also carry the CLAM/TRIDENT ``coords`` attributes.
-* ``clam``: CLAM ``h5_files/<slide>.h5`` with datasets ``features`` (N, D) and ``coords`` (N, 2),
-  level-0 top-left pixels; ``coords`` attributes ``patch_size`` / ``patch_level`` when present.
-* ``trident``: TRIDENT ``features_<encoder>/<slide>.h5``: the same two datasets, recognised by the
-  TRIDENT attributes on ``coords`` (``patch_size_level0``, ``level0_magnification``, ...).
-* ``stamp``: STAMP ``<slide>.h5`` with ``feats`` (N, D, often float16) and ``coords`` (N, 2) in
-  **micrometres** (file attribute ``unit``: ``"um"``, the default, or ``"px"``) and attributes
-  ``extractor``, ``tile_size_um``, ``tile_size_px``. Micrometres become level-0 pixels only when the
-  slide resolution is given (``mpp``); without it the bag keeps no coordinates rather than wrong ones.
-* ``pt``: CLAM/TRIDENT ``pt_files/<slide>.pt``: a tensor (N, D) saved with ``torch.save`` (no
-  coordinates). A numpy array or a dict with a ``features``/``feats`` tensor is accepted too.
+  :mod:`histomil.features.store`). Slide feature files also carry CLAM/TRIDENT ``coords`` attributes.
+* ``clam``: CLAM ``h5_files/<slide>.h5``: ``features`` (N, D) and ``coords`` (N, 2) with no
+  attributes at all (the tile size is in CLAM's ``patches/<slide>.h5``).
+* ``trident``: TRIDENT ``features_<encoder>/<slide>.h5``: the same datasets, recognised by the TRIDENT
+  attributes on ``coords`` (``patch_size_level0``, ...); ``features`` may be float16.
+* ``stamp``: STAMP ``<slide>.h5`` with ``feats`` and ``coords``: micrometres when the file attribute
+  ``unit`` is ``"um"`` (v2), pixels of 224-px tiles of 256 µm when there is no ``unit`` (v1).
+* ``pt``: CLAM ``pt_files/<slide>.pt`` (a tensor) or TRIDENT ``features_<encoder>_pt/<slide>.pt`` (a
+  numpy array, often float16): features only.
 
-``FeatureBag.coords`` is always level-0 pixels (top-left) or None. Attributes that locate the tiles
-(``patch_size_level0``, ``patch_size``, ``patch_level``, ``tile_size_um``) are copied into
-``FeatureBag.attrs`` so heatmaps can size the tiles; ``attrs["source_format"]`` names the layout.
-Anything else is refused with one line that names the file and the keys it has.
+What every bag holds afterwards (``FeatureBag``): ``features`` float32 whatever was stored;
+``coords`` level-0 pixels, top-left, or None; ``tile_paths`` ``"x_y"`` from those coordinates (row
+numbers without them; histomil's tile paths for its own bags); ``attrs`` with
+
+* ``source_file``, ``source_format`` (a layout above), ``source_tool`` and ``source_version`` (when
+  recorded), ``stored_dtype`` (e.g. ``float16``), ``precision`` (when the file records one);
+* ``encoder`` (as the file names it) and ``encoder_canonical`` (:func:`canonical_encoder`);
+* ``patch_size_level0``: the tile edge in level-0 pixels (TRIDENT's own attribute; CLAM
+  ``patch_size`` at ``patch_level`` x ``downsample``; STAMP ``tile_size_um / mpp``).
+
+A fact a layout does not record (CLAM h5_files: tile size; pt files: coordinates; STAMP: the slide's
+µm/px) comes from an argument (``tile_size``, ``coords_dir``, ``mpp``) or from the tool's own sidecar
+file beside it (CLAM ``patches/<slide>.h5``, TRIDENT ``patches/<slide>_patches.h5``), used only when
+its coordinates are those of the feature file (or, for coordinate-less pt files, as many). Otherwise
+the fact stays unknown: ``attrs["coords_missing"]`` / ``attrs["tile_size_missing"]`` say why, and
+:func:`require_geometry` stops a command that needs it with one line naming the file and the fact.
+Nothing is guessed.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +48,33 @@ import numpy as np
 
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag, read_feature_bag
+from histomil.features.validate import canonical_encoder, check_finite
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
 FORMATS = ("histomil", "clam", "trident", "stamp", "pt")
+SOURCE_TOOLS = {"histomil": "histomil", "clam": "CLAM", "trident": "TRIDENT", "stamp": "STAMP", "pt": "torch"}
 #: ``coords`` attributes that only TRIDENT writes (CLAM writes patch_size/patch_level/downsample...).
 _TRIDENT_KEYS = {"patch_size_level0", "level0_magnification", "target_magnification", "savetodir"}
 #: attributes worth keeping on the bag: they tell how large a tile is on the slide.
-_GEOMETRY_KEYS = ("patch_size_level0", "patch_size", "patch_level", "tile_size", "level0_magnification",
+_GEOMETRY_KEYS = ("patch_size_level0", "patch_size", "patch_level", "downsample", "tile_size", "level0_magnification",
                   "target_magnification", "tile_size_um", "tile_size_px")
+#: STAMP v1 (no ``unit``): coordinates are pixels of tiles of 224 px covering 256 µm.
+STAMP_V1_TILE_PX, STAMP_V1_TILE_UM = 224, 256.0
+_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
+
+
+@dataclass
+class _Raw:
+    """What one file stores, before normalisation."""
+
+    kind: str
+    features: np.ndarray
+    stored_dtype: str
+    coords: np.ndarray | None = None
+    coord_attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)  # file + features attributes, file first
+    tile_paths: list[str] | None = None
+    label: int | None = None
 
 
 def _plain(value: Any) -> Any:
@@ -56,6 +87,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 def _describe(f: h5py.File) -> str:
     """'datasets a (3, 4), b (3,); attributes x, y' for error messages."""
     items = []
@@ -65,8 +101,8 @@ def _describe(f: h5py.File) -> str:
     return f"datasets: {keys}; attributes: {attrs}"
 
 
-def _feature_matrix(path: Path, raw: Any, key: str) -> np.ndarray:
-    """A finite float32 (N, D) matrix from what a file stores (leading singleton axes squeezed)."""
+def _feature_matrix(path: Path, raw: Any, key: str) -> tuple[np.ndarray, str]:
+    """A finite float32 (N, D) matrix from what a file stores, and the stored dtype's name."""
     arr = np.asarray(raw)
     while arr.ndim > 2 and arr.shape[0] == 1:  # some tools save (1, N, D)
         arr = arr[0]
@@ -79,20 +115,21 @@ def _feature_matrix(path: Path, raw: Any, key: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise HistomilError(f"{path}: '{key}' holds {arr.dtype} values, not real numbers")
     out = arr.astype(np.float32)
-    if not np.isfinite(out).all():
-        bad = int((~np.isfinite(out)).any(axis=1).sum())
-        raise HistomilError(f"{path}: '{key}' has NaN or infinite values in {bad} of {out.shape[0]} tiles")
-    return out
+    check_finite(out, path, key)
+    return out, str(arr.dtype)
 
 
-def _coords_matrix(path: Path, raw: Any, n: int) -> np.ndarray:
+def _coords_matrix(path: Path, raw: Any, n: int, where: str = "coords") -> np.ndarray:
     arr = np.asarray(raw)
     if arr.ndim != 2 or arr.shape[1] < 2 or arr.shape[0] != n:
-        raise HistomilError(f"{path}: 'coords' has shape {arr.shape}; expected ({n}, 2), one (x, y) per feature row")
+        raise HistomilError(f"{path}: '{where}' has shape {arr.shape}; expected ({n}, 2), one (x, y) per feature row")
     arr = arr[:, :2]
-    if not np.isfinite(arr.astype(np.float64)).all():
-        raise HistomilError(f"{path}: 'coords' has NaN or infinite values")
+    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr.astype(np.float64)).all():
+        raise HistomilError(f"{path}: '{where}' has NaN, infinite or non-numeric values")
     return arr
+
+
+# --------------------------------------------------------------------------------- detection
 
 
 def detect_format(path: str | Path) -> str:
@@ -110,7 +147,7 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise HistomilError(f"{path}: not a readable HDF5 feature file ({str(exc).splitlines()[0]})") from None
+        raise HistomilError(f"{path}: not a readable HDF5 feature file ({_first_line(exc)})") from None
 
 
 def _detect_h5(path: Path, f: h5py.File) -> str:
@@ -127,85 +164,69 @@ def _detect_h5(path: Path, f: h5py.File) -> str:
     )
 
 
-def load_any_features(path: str | Path, mpp: float | None = None, label: int | None = None) -> FeatureBag:
-    """Read one feature file of any supported layout (detected from its content) as a bag.
+# ----------------------------------------------------------------------------------- reading
+
+
+def load_any_features(
+    path: str | Path,
+    mpp: float | None = None,
+    label: int | None = None,
+    *,
+    tile_size: int | None = None,
+    coords_dir: str | Path | None = None,
+) -> FeatureBag:
+    """Read one feature file of any supported layout (detected from its content) as a normalised bag.
 
     Args:
         path: ``.h5``/``.hdf5`` (histomil, CLAM, TRIDENT, STAMP) or ``.pt``/``.pth`` (a tensor N x D).
-        mpp: level-0 micrometres per pixel of the slide; turns STAMP's micrometre coordinates
-            into level-0 pixels (without it a STAMP bag has no coordinates).
+        mpp: the slide's level-0 micrometres per pixel: turns STAMP's micrometres into level-0 pixels.
         label: the bag label, overriding one stored in the file (histomil files store theirs).
+        tile_size: tile edge in level-0 pixels, for layouts that do not record it (CLAM h5_files);
+            it must agree with a size the file records.
+        coords_dir: a folder of CLAM ``<slide>.h5`` or TRIDENT ``<slide>_patches.h5`` coordinate files:
+            coordinates for pt files, the tile size for CLAM h5 files.
     """
     path = Path(path)
     if mpp is not None and not (np.isfinite(mpp) and mpp > 0):
         raise HistomilError(f"{path}: the slide resolution must be a positive number of micrometres per pixel, got {mpp!r}")
-    if path.suffix.lower() in (".pt", ".pth"):
-        bag = _read_pt(path)
-    else:
-        with _open_h5(path) as f:
-            kind = _detect_h5(path, f)
-        bag = read_feature_bag(path) if kind == "histomil" else _read_h5(path, kind, mpp)
-        bag.attrs.setdefault("source_format", kind)
-        if kind == "histomil":
-            bag.features = _feature_matrix(path, bag.features, "features")
+    if tile_size is not None and not (int(tile_size) == tile_size and tile_size > 0):
+        raise HistomilError(f"{path}: the tile size must be a positive whole number of level-0 pixels, got {tile_size!r}")
+    raw = _read_pt(path) if path.suffix.lower() in (".pt", ".pth") else _read_h5(path)
+    bag = _normalise(path, raw, mpp, tile_size, Path(coords_dir) if coords_dir is not None else None)
     if label is not None:
         bag.label = int(label)
     return bag
 
 
-def _read_h5(path: Path, kind: str, mpp: float | None) -> FeatureBag:
+def _read_h5(path: Path) -> _Raw:
+    with _open_h5(path) as f:
+        kind = _detect_h5(path, f)
+    if kind == "histomil":
+        bag = read_feature_bag(path)
     key = "feats" if kind == "stamp" else "features"
     try:
         with h5py.File(path, "r") as f:
-            feats = _feature_matrix(path, f[key][()], key)
-            attrs: dict[str, Any] = {"source_format": kind}
-            feat_attrs = {k: _plain(v) for k, v in f[key].attrs.items()}
-            file_attrs = {k: _plain(v) for k, v in f.attrs.items()}
-            coords = None
-            coord_attrs: dict[str, Any] = {}
+            stored = f[key]
+            feats, dtype = _feature_matrix(path, bag.features if kind == "histomil" else stored[()], key)
+            dtype = str(stored.dtype)
+            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            for k, v in stored.attrs.items():
+                attrs.setdefault(k, _plain(v))
+            raw = _Raw(kind, feats, dtype, attrs=attrs)
             if "coords" in f:
-                coords = _coords_matrix(path, f["coords"][()], feats.shape[0])
-                coord_attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
-    except OSError as exc:
-        raise HistomilError(f"{path}: cannot read feature file ({str(exc).splitlines()[0]})") from None
-    if kind == "stamp":
-        encoder = file_attrs.get("extractor")
-        if str(file_attrs.get("feat_type", "tile")) != "tile":
-            raise HistomilError(f"{path}: STAMP features of type {file_attrs['feat_type']!r}, not per-tile features")
-        for k in ("tile_size_um", "tile_size_px", "tile_size", "stamp_version"):
-            if k in file_attrs:
-                attrs[k] = file_attrs[k]
-        if "tile_size" in attrs and "tile_size_um" not in attrs:  # STAMP before 2.1 called it tile_size
-            attrs["tile_size_um"] = attrs.pop("tile_size")
-        if coords is not None:
-            unit = str(file_attrs.get("unit", "um")).lower()
-            if unit in ("um", "micron", "microns", "µm"):
-                if mpp is None:
-                    coords = None  # micrometres cannot become pixels without the slide resolution
-                    attrs["coords_dropped"] = "STAMP coordinates are in micrometres; pass the slide mpp to keep them"
-                else:
-                    coords = coords.astype(np.float64) / float(mpp)
-                    if "tile_size_um" in attrs:
-                        attrs["patch_size_level0"] = round(float(attrs["tile_size_um"]) / float(mpp))
-            elif unit not in ("px", "pixel", "pixels"):
-                raise HistomilError(f"{path}: STAMP coordinate unit {unit!r} is unknown (expected 'um' or 'px')")
-    else:
-        encoder = feat_attrs.get("encoder") or file_attrs.get("encoder")
-        for k in _GEOMETRY_KEYS:
-            if k in coord_attrs:
-                attrs[k] = coord_attrs[k]
-        if "name" in coord_attrs:
-            attrs["slide_name"] = str(coord_attrs["name"])
-    if encoder:
-        attrs["encoder"] = str(encoder)
-    if coords is not None:
-        coords = np.rint(coords).astype(np.int64)
-    names = [f"{int(x)}_{int(y)}" for x, y in coords] if coords is not None else [str(i) for i in range(feats.shape[0])]
-    return FeatureBag(bag_id=path.stem, features=feats, tile_paths=names, label=None, coords=coords, attrs=attrs)
+                raw.coords = _coords_matrix(path, f["coords"][()], feats.shape[0])
+                raw.coord_attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+    except _READ_ERRORS as exc:
+        raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({_first_line(exc)})") from None
+    if kind == "histomil":
+        raw.tile_paths, raw.label = bag.tile_paths, bag.label
+        for k in ("label", "bag_id"):
+            raw.attrs.pop(k, None)
+    return raw
 
 
 def _torch_load(path: Path) -> Any:
-    """``torch.load`` without arbitrary unpickling; numpy arrays (TRIDENT may save one) allowed."""
+    """``torch.load`` without arbitrary unpickling; numpy arrays (TRIDENT saves one) allowed."""
     import torch
     from torch.serialization import safe_globals
 
@@ -218,11 +239,10 @@ def _torch_load(path: Path) -> Any:
         with safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HistomilError(f"{path}: not a readable torch feature file ({first[:200]})") from None
+        raise HistomilError(f"{path}: not a readable torch feature file ({_first_line(exc)})") from None
 
 
-def _read_pt(path: Path) -> FeatureBag:
+def _read_pt(path: Path) -> _Raw:
     import torch
 
     if not path.is_file():
@@ -235,22 +255,232 @@ def _read_pt(path: Path) -> FeatureBag:
             raise HistomilError(
                 f"{path}: a dict without 'features' or 'feats' (keys: {', '.join(map(str, data.keys())) or 'none'})"
             )
-        raw = data[key]
-        if "coords" in data:
-            coords = data["coords"]
+        raw, coords = data[key], data.get("coords")
     else:
         key, raw = "tensor", data
     if isinstance(raw, torch.Tensor):
-        raw = raw.detach().float().cpu().numpy()
+        raw = raw.detach().cpu()
+        raw = raw.float().numpy() if raw.dtype == torch.bfloat16 else raw.numpy()  # numpy has no bfloat16
     if not isinstance(raw, np.ndarray):
         raise HistomilError(f"{path}: holds a {type(raw).__name__}, not a feature tensor (tiles x feature dim)")
-    feats = _feature_matrix(path, raw, key)
+    feats, dtype = _feature_matrix(path, raw, key)
+    out = _Raw("pt", feats, dtype)
     if coords is not None:
-        if isinstance(coords, torch.Tensor):
-            coords = coords.cpu().numpy()
-        coords = np.rint(_coords_matrix(path, coords, feats.shape[0]).astype(np.float64)).astype(np.int64)
-    names = [f"{int(x)}_{int(y)}" for x, y in coords] if coords is not None else [str(i) for i in range(feats.shape[0])]
-    return FeatureBag(bag_id=path.stem, features=feats, tile_paths=names, coords=coords, attrs={"source_format": "pt"})
+        out.coords = _coords_matrix(path, coords.cpu().numpy() if isinstance(coords, torch.Tensor) else coords, len(feats))
+    out.attrs["source_tool"] = "CLAM" if path.parent.name == "pt_files" else "torch"
+    encoder = _encoder_from_folder(path)
+    if encoder:
+        out.attrs["source_tool"] = "TRIDENT"
+        out.attrs["encoder"] = encoder
+        out.attrs["encoder_source"] = f"folder name {path.parent.name}"
+    return out
+
+
+def _encoder_from_folder(path: Path) -> str | None:
+    """TRIDENT names its feature folders ``features_<encoder>`` (``features_<encoder>_pt`` for .pt)."""
+    name = path.parent.name
+    if not name.startswith("features_") or len(name) <= len("features_"):
+        return None
+    enc = name[len("features_"):]
+    return enc[: -len("_pt")] if enc.endswith("_pt") and len(enc) > 3 else enc
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, coords_dir: Path | None) -> FeatureBag:
+    """Level-0 pixel coordinates, level-0 tile size, encoder identity and provenance for one file."""
+    attrs: dict[str, Any] = dict(raw.attrs) if raw.kind == "histomil" else {}
+    attrs.update(source_file=str(path), source_format=raw.kind, source_tool=SOURCE_TOOLS[raw.kind],
+                 stored_dtype=raw.stored_dtype)
+    version = raw.attrs.get("histomil_version") if raw.kind == "histomil" else raw.attrs.get("stamp_version")
+    if version is not None:
+        attrs["source_version"] = str(version)
+    encoder = raw.attrs.get("extractor") if raw.kind == "stamp" else raw.attrs.get("encoder")
+    if encoder and str(encoder) != "unknown":
+        attrs["encoder"] = str(encoder)
+        attrs["encoder_canonical"] = canonical_encoder(encoder)
+    if raw.kind == "pt":
+        attrs["source_tool"] = raw.attrs["source_tool"]
+        if "encoder_source" in raw.attrs:
+            attrs["encoder_source"] = raw.attrs["encoder_source"]
+    if raw.kind != "histomil" and "name" in raw.coord_attrs:
+        attrs["slide_name"] = str(raw.coord_attrs["name"])
+    for k in _GEOMETRY_KEYS:
+        if k in raw.coord_attrs:
+            attrs.setdefault(k, raw.coord_attrs[k])
+    coords, size = raw.coords, None
+    if raw.kind == "stamp":
+        coords, size = _stamp_geometry(path, raw, mpp, attrs)
+    else:
+        size = _level0_tile_size(raw.coord_attrs)
+        sidecar = _sidecar(path, raw, coords_dir)
+        if sidecar is not None:
+            side_coords, side_attrs, side_path = sidecar
+            if coords is None:
+                coords = side_coords
+                attrs["coords_source"] = str(side_path)
+            side_size = _level0_tile_size(side_attrs)
+            if size is None and side_size is not None:
+                size = side_size
+                attrs["tile_size_source"] = str(side_path)
+        elif coords is None:
+            attrs["coords_missing"] = (
+                f"{raw.kind} files store no coordinates; pass the folder of their CLAM/TRIDENT patches files (--coords)"
+            )
+    size = _agree_tile_size(path, size, tile_size)
+    if size is not None:
+        attrs["patch_size_level0"] = size
+    elif coords is not None and "tile_size_missing" not in attrs:
+        attrs["tile_size_missing"] = (
+            "the file records no tile size; pass --tile-size (level-0 pixels) or the CLAM patches folder (--coords)"
+        )
+    if coords is not None:
+        coords = np.rint(np.asarray(coords, dtype=np.float64)).astype(np.int64)
+    names = raw.tile_paths
+    if names is None:
+        names = [f"{x}_{y}" for x, y in coords.tolist()] if coords is not None else [str(i) for i in range(len(raw.features))]
+    return FeatureBag(bag_id=path.stem, features=raw.features, tile_paths=names, label=raw.label, coords=coords, attrs=attrs)
+
+
+def _level0_tile_size(attrs: Mapping[str, Any]) -> int | None:
+    """Tile edge in level-0 pixels from ``coords`` attributes (TRIDENT, CLAM patches, histomil), or None."""
+    if attrs.get("patch_size_level0") is not None:
+        return int(round(float(attrs["patch_size_level0"])))
+    if attrs.get("patch_size") is None or "target_magnification" in attrs:  # TRIDENT's patch_size is not level 0
+        return None
+    size = float(attrs["patch_size"])
+    level = attrs.get("patch_level")
+    if level is not None and int(level) == 0:
+        return int(round(size))
+    down = attrs.get("downsample")
+    if level is None or down is None:
+        return None  # the size at an unknown level: the slide's downsample is needed
+    factor = float(np.ravel(down)[0])
+    return int(round(size * factor)) if np.isfinite(factor) and factor > 0 else None
+
+
+def _agree_tile_size(path: Path, recorded: int | None, given: int | None) -> int | None:
+    if given is None:
+        return recorded
+    if recorded is not None and abs(recorded - int(given)) > 1:
+        raise HistomilError(f"{path}: records tiles of {recorded} level-0 pixels, --tile-size says {int(given)}")
+    return recorded if recorded is not None else int(given)
+
+
+def _sidecar(path: Path, raw: _Raw, coords_dir: Path | None) -> tuple[np.ndarray, dict[str, Any], Path] | None:
+    """Coordinates + attributes from the tool's patches file for this slide, when they fit this file.
+
+    An explicit ``coords_dir`` that has no fitting file is an error; the tool's own sibling
+    ``patches/`` folder (CLAM ``<out>/patches/<slide>.h5``, TRIDENT ``<run>/patches/<slide>_patches.h5``)
+    is used only when it fits and silently skipped otherwise.
+    """
+    if raw.kind == "histomil" or (raw.coords is not None and raw.kind == "trident"):
+        return None
+    names = (f"{path.stem}.h5", f"{path.stem}_patches.h5")
+    if coords_dir is not None:
+        found = next((coords_dir / n for n in names if (coords_dir / n).is_file()), None)
+        if found is None:
+            raise HistomilError(f"{coords_dir}: no coordinates file for {path.name} ({' or '.join(names)})")
+        side = _read_coords_file(found)
+        problem = _misfit(raw, side[0])
+        if problem:
+            raise HistomilError(f"{found}: {problem} of {path}")
+        return (*side, found)
+    if raw.coords is not None and raw.coord_attrs:
+        return None  # the file carries its own coordinates and geometry
+    found = next((path.parent.parent / "patches" / n for n in names if (path.parent.parent / "patches" / n).is_file()), None)
+    if found is None:
+        return None
+    try:
+        side = _read_coords_file(found)
+    except HistomilError:
+        return None
+    return None if _misfit(raw, side[0]) else (*side, found)
+
+
+def _misfit(raw: _Raw, coords: np.ndarray) -> str | None:
+    if coords.shape[0] != raw.features.shape[0]:
+        return f"holds {coords.shape[0]} coordinates for the {raw.features.shape[0]} feature rows"
+    if raw.coords is not None and not np.array_equal(np.asarray(raw.coords, np.int64), coords.astype(np.int64)):
+        return "holds other coordinates than the feature file"
+    return None
+
+
+def _read_coords_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise HistomilError(f"{path}: no 'coords' dataset; {_describe(f)}")
+            arr = np.asarray(f["coords"][()])
+            attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+    except _READ_ERRORS as exc:
+        raise HistomilError(f"{path}: cannot read coordinates file ({_first_line(exc)})") from None
+    return _coords_matrix(path, arr, arr.shape[0] if arr.ndim == 2 else -1), attrs
+
+
+def _stamp_geometry(path: Path, raw: _Raw, mpp: float | None, attrs: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
+    """STAMP coordinates and tile size in level-0 pixels (None, with the reason in ``attrs``, without ``mpp``)."""
+    file_attrs = raw.attrs
+    if str(file_attrs.get("feat_type", "tile")) != "tile":
+        raise HistomilError(f"{path}: STAMP features of type {file_attrs['feat_type']!r}, not per-tile features")
+    for k in ("tile_size_um", "tile_size_px", "stamp_version"):
+        if k in file_attrs:
+            attrs[k] = file_attrs[k]
+    if "unit" in file_attrs:
+        unit = str(file_attrs["unit"]).lower()
+        if "tile_size_um" not in attrs and "tile_size" in file_attrs:  # STAMP 2.0 called it tile_size
+            attrs["tile_size_um"] = file_attrs["tile_size"]
+        if unit in ("px", "pixel", "pixels"):
+            return raw.coords, None if "tile_size_um" not in attrs or mpp is None else round(float(attrs["tile_size_um"]) / mpp)
+        if unit not in ("um", "micron", "microns", "µm"):
+            raise HistomilError(f"{path}: STAMP coordinate unit {unit!r} is unknown (expected 'um' or 'px')")
+        um = None if raw.coords is None else raw.coords.astype(np.float64)
+        attrs["stamp_layout"] = "v2"
+    else:  # STAMP v1: pixels of 224-px tiles that cover 256 µm
+        tile_px = float(file_attrs.get("tile_size_px", STAMP_V1_TILE_PX))
+        tile_um = float(file_attrs.get("tile_size_um", file_attrs.get("tile_size", STAMP_V1_TILE_UM)))
+        attrs["stamp_layout"] = "v1"
+        attrs.setdefault("tile_size_um", tile_um)
+        um = None
+        if raw.coords is not None:
+            stride = _grid_stride(raw.coords)
+            if stride is not None and abs(stride - tile_px) > 1:
+                attrs["coords_missing"] = (f"STAMP v1 file (no 'unit') whose coordinates step by {stride:g}, not by its "
+                                           f"{tile_px:g}-px tiles: their unit is unknown")
+                return None, None
+            um = raw.coords.astype(np.float64) * (tile_um / tile_px)
+    if mpp is None:
+        if um is not None:
+            attrs["coords_missing"] = "STAMP coordinates are micrometres; give the slide's micrometres per pixel (--mpp)"
+        attrs["tile_size_missing"] = "STAMP tile sizes are micrometres; give the slide's micrometres per pixel (--mpp)"
+        return None, None
+    size = round(float(attrs["tile_size_um"]) / mpp) if "tile_size_um" in attrs else None
+    return (None if um is None else um / mpp), size
+
+
+def _grid_stride(coords: np.ndarray) -> float | None:
+    """The smallest positive step between distinct x (or y) coordinates; None for a single column/row."""
+    steps = [np.diff(np.unique(coords[:, i].astype(np.float64))) for i in (0, 1)]
+    steps = [s[s > 1e-6] for s in steps if s.size]
+    return float(min(s.min() for s in steps if s.size)) if any(s.size for s in steps) else None
+
+
+def require_geometry(bag: FeatureBag) -> tuple[np.ndarray, int]:
+    """``(coords, tile size)`` in level-0 pixels for drawing a bag on its slide, or one line naming
+    the file and the missing fact (what to pass to supply it)."""
+    where = bag.attrs.get("source_file", f"bag {bag.bag_id}")
+    if bag.coords is None:
+        why = bag.attrs.get("coords_missing", "the file stores no tile coordinates")
+        raise HistomilError(f"{where}: no level-0 coordinates: {why}")
+    size = bag.attrs.get("patch_size_level0")
+    if size is None:
+        why = bag.attrs.get("tile_size_missing", "the file records no tile size")
+        raise HistomilError(f"{where}: no level-0 tile size: {why}")
+    return bag.coords, int(size)
+
+
+# ------------------------------------------------------------------------------------ folders
 
 
 def feature_files_any(folder: str | Path) -> list[Path]:
@@ -285,25 +515,40 @@ def _is_feature_file(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FEATURE_SUFFIXES
 
 
+def is_feature_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds feature files (directly or as CLAM's ``h5_files``/``pt_files``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return any(_is_feature_file(p) for d in (folder, folder / "h5_files", folder / "pt_files") if d.is_dir()
+               for p in d.iterdir())
+
+
 def load_features_folder(
     folder: str | Path,
     labels_csv: str | Path | None = None,
     require_labels: bool = True,
     mpp: float | Mapping[str, float] | None = None,
+    *,
+    tile_size: int | None = None,
+    coords_dir: str | Path | None = None,
 ) -> list[FeatureBag]:
     """Every feature file of ``folder`` (any supported layout) as a bag labelled from ``case,y_true``.
 
-    The case of a file is its stem. Labels come from ``labels_csv`` (default ``folder/labels.csv``
-    or ``folder/df.csv``); a histomil file without a CSV row keeps its stored label. Every case of
-    the CSV must have a file; with ``require_labels`` every file must have a label. All bags must
-    have the same feature dimension. ``mpp`` (one value or case -> value) converts STAMP coordinates.
+    The case of a file is its stem. Labels come from ``labels_csv`` (default ``labels.csv`` or
+    ``df.csv`` in the folder, or beside CLAM's ``h5_files``/``pt_files``); a histomil file keeps the
+    label it stores, which must agree with the CSV. Every case of the CSV must have a file; with
+    ``require_labels`` every file must have a label. All bags must have the same feature dimension and
+    encoder. ``mpp`` (one value or case -> value), ``tile_size`` and ``coords_dir``: see
+    :func:`load_any_features`.
     """
     from histomil.data.bags import LABEL_FILES, read_labels_csv
 
     folder = Path(folder)
     files = feature_files_any(folder)
+    places = (folder, files[0].parent)
     csv_path = Path(labels_csv) if labels_csv is not None else next(
-        (folder / n for n in LABEL_FILES if (folder / n).is_file()), None
+        (d / n for d in places for n in LABEL_FILES if (d / n).is_file()), None
     )
     labels = read_labels_csv(csv_path) if csv_path is not None else {}
     stems = {p.stem for p in files}
@@ -314,7 +559,12 @@ def load_features_folder(
     bags = []
     for p in files:
         case_mpp = mpp.get(p.stem) if isinstance(mpp, Mapping) else mpp
-        bag = load_any_features(p, mpp=case_mpp, label=labels.get(p.stem))
+        bag = load_any_features(p, mpp=case_mpp, tile_size=tile_size, coords_dir=coords_dir)
+        if p.stem in labels:
+            if bag.label is not None and bag.label != labels[p.stem]:
+                raise HistomilError(f"{p}: stores label {bag.label}, {csv_path} says {labels[p.stem]}; "
+                                    "re-extract the features or correct the CSV")
+            bag.label = labels[p.stem]
         bag.bag_id = p.stem
         bags.append(bag)
     if require_labels:
@@ -323,16 +573,25 @@ def load_features_folder(
             where = csv_path if csv_path is not None else f"{folder} (no labels.csv; pass a labels CSV with case,y_true)"
             few = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
             raise HistomilError(f"{where}: {len(unlabelled)} feature file(s) have no label: {few}")
+    _check_consistent(bags, files[0].parent)
+    return bags
+
+
+def load_feature_dataset(folder: str | Path, require_labels: bool = False, **options: Any) -> list[FeatureBag]:
+    """:func:`load_features_folder` with labels optional by default (the feature-dataset reader of the
+    pipeline, cross-validation and comparisons; ``options`` as there)."""
+    return load_features_folder(folder, require_labels=require_labels, **options)
+
+
+def _check_consistent(bags: list[FeatureBag], where: Path) -> None:
     dims = {b.features.shape[1] for b in bags}
     if len(dims) > 1:
         first = bags[0]
         odd = next(b for b in bags if b.features.shape[1] != first.features.shape[1])
         raise HistomilError(
-            f"{files[0].parent}: feature dimensions differ ({first.bag_id}: {first.features.shape[1]}, "
+            f"{where}: feature dimensions differ ({first.bag_id}: {first.features.shape[1]}, "
             f"{odd.bag_id}: {odd.features.shape[1]}); features from different encoders cannot be mixed"
         )
-    encoders = {str(b.attrs.get("encoder")) for b in bags if b.attrs.get("encoder")}
+    encoders = {str(b.attrs["encoder_canonical"]) for b in bags if b.attrs.get("encoder_canonical")}
     if len(encoders) > 1:
-        raise HistomilError(f"{files[0].parent}: files from different encoders ({', '.join(sorted(encoders))}) cannot be mixed")
-    return bags
-
+        raise HistomilError(f"{where}: files from different encoders ({', '.join(sorted(encoders))}) cannot be mixed")
