@@ -5,15 +5,18 @@ in a DataLoader worker that opens its own OpenSlide handle, while the main proce
 previous batch; features are written into the output file batch by batch, so memory stays flat
 whatever the slide size.
 
-Layout of ``<out>/<slide stem>.h5`` (what CLAM and TRIDENT write, so their tools read it, and a
-histomil feature file, so :func:`~histomil.features.store.read_feature_bag` reads it too):
+Layout of ``<out>/<slide stem>.h5`` (histomil's own, self-describing; its ``features`` and ``coords``
+are where CLAM puts them, and :func:`~histomil.features.store.read_feature_bag` reads it):
 
 * ``features`` (N, D) float32; attributes ``encoder`` (encoder name) and ``name`` (slide stem, as TRIDENT).
 * ``coords`` (N, 2) int64, level-0 top-left (x, y); attributes ``patch_size`` and ``patch_level``
   (CLAM: ``read_region(coord, patch_level, (patch_size, patch_size))`` gives the tile before it is
   resized to ``tile_size``), ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
   ``overlap``, ``level0_width``, ``level0_height`` (TRIDENT), plus ``tile_size``, ``target_mpp``,
-  ``slide_mpp`` and the rest of :func:`~histomil.slides.tiling.write_plan`'s attributes.
+  ``slide_mpp`` and the rest of :func:`~histomil.slides.tiling.write_plan`'s attributes. ``patch_size``
+  has CLAM's meaning (pixels read at ``patch_level``), not TRIDENT's (pixels at the target
+  magnification): for TRIDENT, CLAM or STAMP files use :mod:`histomil.features.export`. A fact the
+  slide does not record (objective power, um/px) is left out, never written as NaN.
 * ``tile_paths`` (N,) strings ``"<x>_<y>"``; ``tissue_fraction`` (N,) float32.
 * file attributes: ``bag_id`` (slide stem), ``label`` (-1), the encoder description (``encoder``,
   ``input_size``, ``mean``, ``std``, ``dim``, ``precision``), ``feature_dim``, ``tiling`` (the
@@ -96,6 +99,22 @@ def find_slides(paths: Sequence[str | Path]) -> list[Path]:
 
 
 # ------------------------------------------------------------------------ plans from coords files
+
+#: How tilers name the coordinates file of slide ``<stem>``: histomil and CLAM ``<stem>.h5``,
+#: TRIDENT ``<stem>_patches.h5``.
+COORDS_NAMES = ("{stem}.h5", "{stem}_patches.h5")
+
+
+def find_coords_file(coords_dir: str | Path, stem: str) -> Path:
+    """The coordinates file of slide ``stem`` in ``coords_dir`` (any name of :data:`COORDS_NAMES`)."""
+    folder = Path(coords_dir)
+    if not folder.is_dir():
+        raise HistomilError(f"{folder}: coordinates folder does not exist")
+    names = [n.format(stem=stem) for n in COORDS_NAMES]
+    found = next((folder / n for n in names if (folder / n).is_file()), None)
+    if found is None:
+        raise HistomilError(f"{folder}: no coordinates file for slide {stem} (looked for {' or '.join(names)})")
+    return found
 
 
 def plan_from_coords(slide: Slide, coords_h5: str | Path) -> TilePlan:
@@ -238,18 +257,18 @@ def _encoder_attrs(encoder: torch.nn.Module) -> dict[str, Any]:
     return encoder.feature_attrs()  # type: ignore[operator]  # TileEncoder or runtimes.RuntimeEncoder
 
 
-def _nan(v: float | None) -> float:
-    return float("nan") if v is None else float(v)
-
-
 def _coords_attrs(plan: TilePlan, slide: Slide, spec: TilingSpec | None) -> dict[str, Any]:
-    """CLAM + TRIDENT attributes of ``coords`` (see the module docstring)."""
+    """CLAM + TRIDENT attributes of ``coords`` (see the module docstring).
+
+    A fact the slide does not record (objective power, um/px) is left out, never written as NaN:
+    readers (TRIDENT among them) take a present attribute as a number to compute with.
+    """
     objective = slide.objective_power
     if spec is not None and spec.slide_magnification is not None:
         objective = spec.slide_magnification
     target_mag = objective / plan.downsample if objective is not None else None
     stride_target = plan.stride_level0 / plan.downsample if plan.downsample > 0 else plan.tile_size
-    return {
+    attrs: dict[str, Any] = {
         "patch_size": int(plan.read_size),
         "patch_level": int(plan.level),
         "patch_size_level0": int(plan.patch_size_level0),
@@ -259,19 +278,19 @@ def _coords_attrs(plan: TilePlan, slide: Slide, spec: TilingSpec | None) -> dict
         "tile_size": int(plan.tile_size),
         "read_size": int(plan.read_size),
         "level": int(plan.level),
-        "target_mpp": _nan(plan.target_mpp),
-        "slide_mpp": _nan(plan.slide_mpp),
         "level_dim": np.asarray(slide.level_dimensions[plan.level], dtype=np.int64),
         "level0_dim": np.asarray(plan.level0_dims, dtype=np.int64),
         "level_dims": np.asarray(slide.level_dimensions, dtype=np.int64),
         "level0_width": int(plan.level0_dims[0]),
         "level0_height": int(plan.level0_dims[1]),
-        "level0_magnification": _nan(objective),
-        "target_magnification": _nan(target_mag),
         "overlap": int(max(0, round(plan.tile_size - stride_target))),
         "name": slide.name,
         "slide_path": str(slide.path),
     }
+    optional = {"target_mpp": plan.target_mpp, "slide_mpp": plan.slide_mpp, "level0_magnification": objective,
+                "target_magnification": target_mag}
+    attrs.update({k: float(v) for k, v in optional.items() if v is not None})
+    return attrs
 
 
 def write_slide_features(
@@ -428,7 +447,15 @@ def extract_slide_features(
     t0 = time.perf_counter()
     for i, path in enumerate(paths):
         out_path = out_dir / f"{path.stem}.h5"
-        coords_file = Path(coords_dir) / f"{path.stem}.h5" if coords_dir is not None else None
+        try:
+            coords_file = find_coords_file(coords_dir, path.stem) if coords_dir is not None else None
+        except HistomilError as err:
+            if on_bad_slide == "error":
+                raise
+            summary.skipped.append((path, str(err)))
+            if log:
+                log(f"skipped slide {err}")
+            continue
         tiling = f"coords:{coords_file.resolve()}" if coords_file is not None else spec_signature(spec)
         if not overwrite and existing_complete(out_path, encoder, tiling):
             summary.files[path.stem] = out_path
@@ -439,8 +466,6 @@ def extract_slide_features(
             try:
                 with open_slide(path, mpp=spec.slide_mpp) as slide:
                     if coords_file is not None:
-                        if not coords_file.is_file():
-                            raise HistomilError(f"{coords_file}: no coordinates file for slide {path.name}")
                         plan = plan_from_coords(slide, coords_file)
                     else:
                         plan = plan_tiles(slide, spec)
