@@ -197,6 +197,31 @@ def resize_and_crop(x: torch.Tensor, info: EncoderInfo) -> torch.Tensor:
     return x
 
 
+def fit_tile(rgb: np.ndarray, info: EncoderInfo) -> np.ndarray:
+    """A decoded uint8 (H, W, 3) tile made the same size as every other, for batching, without changing what
+    :meth:`TileEncoder.preprocess` then computes from it.
+
+    Without ``info.resize``: resized to S x S (PIL bilinear), as before presets. With it: the shorter
+    side resized to ``resize`` (PIL, ``info.interpolation``) and the centre ``resize`` square kept; the
+    encoder then crops its centre S x S, which is the preset's resize-then-crop. Tiles already of the
+    target size are returned as they are.
+    """
+    from PIL import Image
+
+    s = info.input_size
+    side = info.resize or s
+    h, w = rgb.shape[:2]
+    if (h, w) == (side, side) or (info.resize is None and (h, w) == (s, s)):
+        return rgb
+    if info.resize is None:
+        return np.asarray(Image.fromarray(rgb).resize((s, s), Image.BILINEAR))
+    size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)  # PIL sizes are (width, height)
+    resample = Image.BICUBIC if info.interpolation == "bicubic" else Image.BILINEAR
+    img = np.asarray(Image.fromarray(rgb).resize(size, resample))
+    top, left = int(round((img.shape[0] - side) / 2.0)), int(round((img.shape[1] - side) / 2.0))
+    return np.ascontiguousarray(img[top : top + side, left : left + side])
+
+
 class TimmEmbedding(nn.Module):
     """A timm model whose ``forward_features`` returns one (B, dim) embedding per image.
 
@@ -374,7 +399,7 @@ def check_encoder_name(name: str) -> str:
         except HistomilError as err:
             raise ValueError(str(err)) from None
         return name
-    raise ValueError(f"unknown encoder {name!r}; known encoders: {', '.join(encoder_names())}, or {TIMM_PREFIX}<timm architecture>")
+    raise ValueError(f"unknown encoder {name!r}; allowed: {', '.join(encoder_names())}, or {TIMM_PREFIX}<timm architecture>")
 
 
 def build_encoder(
