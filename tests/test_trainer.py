@@ -121,10 +121,11 @@ def test_resume_refuses_changed_options_and_missing_state(toy, tmp_path):
     train(train_bags[:10], val_bags[:6], cfg(epochs=1), tmp_path)
     with pytest.raises(HistomilError, match="lr"):
         train(train_bags[:10], val_bags[:6], cfg(epochs=2, lr=1e-2), tmp_path, resume=True)
-    with pytest.raises(HistomilError, match="bags differ"):
-        train(train_bags[:12], val_bags[:6], cfg(epochs=2), tmp_path, resume=True)
     more = train(train_bags[:10], val_bags[:6], cfg(epochs=2), tmp_path, resume=True)  # more epochs is fine
     assert more.epochs_run == 2
+    with pytest.warns(UserWarning, match="data changed .*bags, labels or feature values.*starts afresh"):
+        other = train(train_bags[:12], val_bags[:6], cfg(epochs=2), tmp_path, resume=True)  # other data: restarts
+    assert [r["epoch"] for r in other.history] == [1, 2]
     fresh = train(train_bags[:10], val_bags[:6], cfg(epochs=2), tmp_path / "new", resume=True)  # nothing to resume
     assert no_seconds(fresh.history) == no_seconds(more.history)
     again = train(train_bags[:10], val_bags[:6], cfg(epochs=2), tmp_path / "new", resume=True)  # finished: no-op

@@ -149,7 +149,9 @@ def features_extract(
             if source.is_dir():
                 copy_sidecars(source, out)
     for name, s in summaries.items():
-        _log(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done), "
+        changed = f", {s.n_changed} redone as their tiles or settings changed" if s.n_changed else ""
+        relabelled = f", {s.n_relabelled} relabelled" if s.n_relabelled else ""
+        _log(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done{changed}{relabelled}), "
              f"{s.n_unique_tiles} distinct tiles, {s.n_encoded} encoded, {len(s.bad_tiles)} bad tiles skipped")
 
 

@@ -82,3 +82,14 @@ def load_config(model: type[M], path: str | Path, overrides: Mapping[str, Any] |
         if isinstance(value, Path) and not value.is_absolute():
             setattr(cfg, key, (path.parent / value).resolve())
     return cfg
+
+
+def changed_keys(old: Any, new: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The dotted keys (as tuples) whose values differ between two nested dicts, in sorted order;
+    how a resumed run tells which of its recorded settings changed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += changed_keys(old.get(k), new.get(k), prefix + (k,))
+        return out
+    return [] if old == new else [prefix]

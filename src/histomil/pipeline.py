@@ -2,32 +2,46 @@
 
 The whole run is described by a :class:`StudyRunConfig` (YAML or JSON; unknown keys are rejected),
 and every step records its wall time in ``timings.json`` so the README's numbers can be regenerated.
-Steps whose outputs already exist are reused, so a stopped run can simply be started again.
+Steps whose outputs already exist and were made from the same inputs and settings are reused, so a
+stopped run can simply be started again; a run folder is never resumed with other settings.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from histomil import config
+from histomil.config import changed_keys
 from histomil.data.bags import load_bag_folders
-from histomil.data.compose import StudySpec, compose_study, read_study, read_tile_table
+from histomil.data.compose import (
+    StudySpec,
+    TileTable,
+    compose_study,
+    read_study,
+    read_tile_table,
+    remove_compose_leftovers,
+)
 from histomil.errors import HistomilError
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features.runtimes import with_runtime
-from histomil.features.store import load_feature_dataset
+from histomil.features.store import exclusive_output, load_feature_dataset, remove_temp_leftovers
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
 from histomil.training.checkpoint import combine_checkpoints
 from histomil.training.trainer import TrainConfig, train
+
+
+# Settings a resumed run may change: they change how fast it runs, never what it computes.
+RESUMABLE_SETTINGS = frozenset({("features", "batch_size"), ("features", "workers"), ("train", "device"), ("train", "threads")})
 
 
 class _Strict(BaseModel):
@@ -103,12 +117,17 @@ def extract_study(
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, object]:
-    """Extract features for every split of a study with one shared tile cache."""
+    """Extract features for every split of a study with one shared tile cache; feature files of bags
+    no longer in the study (it was composed again) are deleted."""
     encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last), cfg.runtime)
     cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
     for name in split_names(study_dir):
         bags = load_bag_folders(study_dir / name, require_labels=True, on_bad_tile=cfg.on_bad_tile, log=log)
+        ids = {f"{b.bag_id}.h5" for b in bags}
+        for stale in (out_dir / name).glob("*.h5") if (out_dir / name).is_dir() else []:
+            if stale.name not in ids:  # a bag of an earlier composition of the study: must not be trained on
+                stale.unlink()
         split_progress = _prefixed(progress, f"{name}:")
         summaries[name] = extract_bags(
             bags, out_dir / name, encoder, cache, cfg.batch_size, cfg.workers, cfg.on_bad_tile, log=log, progress=split_progress
@@ -123,11 +142,61 @@ def run_study(
     log: Callable[[str], None] = print,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
-    """Compose, extract, train and evaluate; returns the evaluation results per test set."""
+    """Compose, extract, train and evaluate; returns the evaluation results per test set.
+
+    Run again on the same ``out_dir``, it resumes: the bags are kept when the tile table is unchanged,
+    feature files when their tiles are (:func:`extract_bags`), training when its data is (else it starts
+    afresh), and evaluation is redone. Changed settings are refused (:func:`check_resume`)."""
+    out_dir = Path(out_dir)
+    with exclusive_output(out_dir, "run"):
+        remove_temp_leftovers(out_dir, "*.json")
+        remove_compose_leftovers(out_dir / "bags")
+        check_resume(out_dir, cfg)  # before anything is written: config.json describes the run that happened
+        return _run_study(cfg, out_dir, log, progress)
+
+
+def check_resume(out_dir: Path, cfg: StudyRunConfig) -> None:
+    """Refuse to continue a run folder made with other settings (its ``config.json``), naming the keys
+    that changed; only :data:`RESUMABLE_SETTINGS` may differ. Hardware (``environment.json``) never blocks."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return
+    try:
+        old = StudyRunConfig.model_validate_json(path.read_text(encoding="utf-8"))  # defaults of newer keys filled in
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HistomilError(f"{path}: not a readable run config ({first}); use another --out") from None
+    now = json.loads(cfg.model_dump_json())
+    changed = [".".join(k) for k in changed_keys(json.loads(old.model_dump_json()), now) if k[:2] not in RESUMABLE_SETTINGS]
+    if changed:
+        raise HistomilError(
+            f"{out_dir}: was made with a different config ({', '.join(changed)} changed);"
+            " use another --out, or restore the old settings to resume"
+        )
+
+
+def _check_tile_table(study_dir: Path, table: TileTable) -> None:
+    """Refuse bags composed from an earlier version of the tile table (study.json's digest)."""
+    recorded = read_study(study_dir).get("tile_table_digest")
+    if recorded is None:  # composed before studies recorded it
+        warnings.warn(f"{study_dir}: composed by an older histomil that recorded no tile table digest; "
+                      f"cannot tell whether {table.source} changed since", stacklevel=2)
+    elif recorded != table.digest():
+        raise HistomilError(
+            f"{table.source}: the tile table changed (paths, labels, patients or splits) since {study_dir} was composed;"
+            " use another --out, or restore the table to resume"
+        )
+
+
+def _run_study(
+    cfg: StudyRunConfig,
+    out_dir: Path,
+    log: Callable[[str], None],
+    progress: Callable[[str, int, int], None] | None,
+) -> dict:
+    """:func:`run_study` once it holds ``out_dir`` and the settings match."""
     from histomil.evaluation.evaluate import evaluate_sets
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", json.loads(cfg.model_dump_json()))
     environment = run_environment(cfg.features.precision)
     write_json(out_dir / "environment.json", environment)
@@ -145,8 +214,10 @@ def run_study(
         return result
 
     study_dir, feat_dir, run_dir = out_dir / "bags", out_dir / "features", out_dir / "model"
-    if not (study_dir / "study.json").exists():
-        table = read_tile_table(cfg.tiles, cfg.columns.path, cfg.columns.label, cfg.columns.patient, cfg.columns.split)
+    table = read_tile_table(cfg.tiles, cfg.columns.path, cfg.columns.label, cfg.columns.patient, cfg.columns.split)
+    if (study_dir / "study.json").exists():
+        _check_tile_table(study_dir, table)
+    else:
         timed("compose bags", lambda: compose_study(table, cfg.study, study_dir, progress=_prefixed(progress, "composing")))
     timed("extract features", lambda: extract_study(study_dir, feat_dir, cfg.features, log=log, progress=progress))
     names = split_names(study_dir)

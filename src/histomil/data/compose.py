@@ -22,9 +22,11 @@ failed run leaves nothing half-written.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -206,6 +208,14 @@ class TileTable:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def digest(self) -> str:
+        """Hash of what composing reads from the table (paths, labels, patients, splits), recorded in
+        study.json so a run can tell that the table changed since its bags were drawn."""
+        h = hashlib.sha256()
+        for row in zip(self.paths, self.labels.tolist(), self.patients, self.splits or [""] * len(self.paths)):
+            h.update(("\t".join(map(str, row)) + "\n").encode())
+        return h.hexdigest()
 
     def patient_counts(self) -> dict[str, tuple[int, int]]:
         """patient -> (tumour tiles, non-tumour tiles)."""
@@ -562,6 +572,7 @@ def compose_study(
         "format": STUDY_FORMAT,
         "version": STUDY_VERSION,
         "tile_table": str(table.source),
+        "tile_table_digest": table.digest(),
         "seed": spec.seed,
         "spec": spec.model_dump(mode="json"),
         "split_source": split_source,
@@ -643,6 +654,21 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+
+
+def remove_compose_leftovers(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary sibling folders (``.<name>.XXXXXXXX.tmp`` / ``.old``) that a killed
+    :func:`compose_study` into ``out_dir`` left behind; returns them. Only for a caller that owns
+    ``out_dir``'s parent folder (``run``'s folder): a compose running there now would lose its work."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")
+    removed = []
+    if out_dir.parent.is_dir():
+        for path in out_dir.parent.iterdir():
+            if pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,16 +7,18 @@ decoding process cost a third of the pipeline's speed in copy-on-write page faul
 thread, 180 with one decoding thread; the encoder alone 190).
 Each distinct tile (by content hash) is encoded once through :class:`FeatureCache`; memory holds
 one batch of pixels at a time and does not grow with the number of bags. Bags whose feature file
-already exists are skipped, so an interrupted run resumes where it stopped.
+already exists from the same tiles (content digest), encoder and precision are skipped, so an
+interrupted run resumes where it stopped and a changed bag is encoded again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,16 @@ from histomil.data.bags import Bag
 from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
-from histomil.features.store import FeatureBag, read_feature_bag, write_feature_bag
+from histomil.features.store import (
+    FeatureBag,
+    exclusive_output,
+    read_feature_bag,
+    remove_temp_leftovers,
+    write_feature_bag,
+)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+CONTENT_DIGEST = "content_digest"  # feature file attribute: digest of the bag's tile names and bytes
 
 
 @dataclass
@@ -39,6 +48,8 @@ class ExtractionSummary:
     n_bags: int = 0
     n_written: int = 0
     n_skipped_existing: int = 0
+    n_changed: int = 0  # feature files written again because their tiles, encoder or precision changed
+    n_relabelled: int = 0  # feature files whose label alone changed, rewritten without encoding
     n_unique_tiles: int = 0
     n_encoded: int = 0
     bad_tiles: list[str] = field(default_factory=list)
@@ -138,17 +149,31 @@ def encode_into_cache(
     return bad
 
 
-def _existing_ok(path: Path, n_tiles_max: int, attrs: dict) -> bool:
-    """Whether a feature file already written can be kept: same encoder, precision and runtime, plausible size."""
+def _bag_digest(bag: Bag, digests: dict[str, str]) -> str:
+    """Digest of a bag's input: its tiles' file names and content hashes, in order (added, removed,
+    renamed, reordered or changed tiles all change it; moving the whole folder does not)."""
+    h = hashlib.sha256()
+    for p in bag.tile_paths:
+        h.update(f"{Path(p).name}\t{digests[str(p)]}\n".encode())
+    return h.hexdigest()
+
+
+def _reuse(path: Path, bag: Bag, digest: str, attrs: dict, identity: Sequence[str]) -> tuple[str, FeatureBag | None]:
+    """What to do with a feature file already written for ``bag``: ``("keep", None)`` when it was made
+    from the same tile content with the same encoder (every ``identity`` attribute: name, weights,
+    preprocessing, precision) and runtime, ``("relabel", file)`` when
+    only the bag's label changed, ``("new", None)`` when there is none and ``("redo", None)`` otherwise."""
     if not path.exists():
-        return False
+        return "new", None
     try:
         fb = read_feature_bag(path)
     except HistomilError:
-        return False
-    same_precision = fb.attrs.get("precision", attrs.get("precision")) == attrs.get("precision")
+        return "redo", None
+    same = all(fb.attrs.get(k) == attrs.get(k) for k in identity)  # absent on both sides: None == None
     same_runtime = fb.attrs.get("runtime", "torch") == attrs.get("runtime", "torch")  # files before runtimes: torch
-    return fb.attrs.get("encoder") == attrs["encoder"] and same_precision and same_runtime and 0 < len(fb) <= n_tiles_max
+    if not (same and same_runtime and fb.attrs.get(CONTENT_DIGEST) == digest and 0 < len(fb) <= len(bag.tile_paths)):
+        return "redo", None
+    return ("keep", None) if fb.label == bag.label else ("relabel", fb)
 
 
 def extract_bags(
@@ -163,23 +188,54 @@ def extract_bags(
     log: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> ExtractionSummary:
-    """Write ``out_dir/<bag_id>.h5`` for every bag, encoding each distinct tile once."""
+    """Write ``out_dir/<bag_id>.h5`` for every bag, encoding each distinct tile once.
+
+    A feature file already there is kept only when it records the same tile content (``content_digest``:
+    the tiles' names and bytes), encoder, precision and runtime; a changed label alone is rewritten in
+    place, anything else is encoded again. One process writes ``out_dir`` at a time, and the temp files
+    of a killed one are removed first."""
     if on_bad_tile not in ("error", "skip"):
         raise HistomilError(f"--on-bad-tile must be 'error' or 'skip', not {on_bad_tile!r}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_output(out_dir, "features extract"):
+        remove_temp_leftovers(out_dir, "*.h5")
+        return _write_bags(bags, out_dir, encoder, cache, batch_size, num_workers, on_bad_tile, overwrite, log, progress)
+
+
+def _write_bags(
+    bags: Sequence[Bag],
+    out_dir: Path,
+    encoder: torch.nn.Module,
+    cache: FeatureCache,
+    batch_size: int,
+    num_workers: int,
+    on_bad_tile: str,
+    overwrite: bool,
+    log: Callable[[str], None] | None,
+    progress: Progress | None,
+) -> ExtractionSummary:
+    """:func:`extract_bags` once it holds ``out_dir``."""
     attrs = encoder.feature_attrs()  # encoder, precision, runtime, hardware
+    identity = ["encoder", "precision", *(f.name for f in fields(encoder.info))]  # not the hardware: it may change
     summary = ExtractionSummary(n_bags=len(bags))
-    todo = [
-        b for b in bags if overwrite or not _existing_ok(out_dir / f"{b.bag_id}.h5", len(b.tile_paths), attrs)
-    ]
+    digests = tile_digests([Path(p) for b in bags for p in b.tile_paths], progress)
+    bag_digests = {b.bag_id: _bag_digest(b, digests) for b in bags}
+    todo = []
+    for b in bags:
+        path = out_dir / f"{b.bag_id}.h5"
+        action, old = ("redo", None) if overwrite else _reuse(path, b, bag_digests[b.bag_id], attrs, identity)
+        if action == "relabel":  # same features, corrected label: rewrite the file without encoding
+            write_feature_bag(path, replace(old, label=b.label))  # type: ignore[arg-type]
+            summary.n_relabelled += 1
+        elif action != "keep":
+            todo.append(b)
+            summary.n_changed += action == "redo"
     summary.n_skipped_existing = len(bags) - len(todo)
     all_paths = [str(p) for b in todo for p in b.tile_paths]
-    digests = tile_digests([Path(p) for p in all_paths], progress)
-    summary.n_unique_tiles = len(set(digests.values()))
+    summary.n_unique_tiles = len({digests[p] for p in all_paths})
     first_path: dict[str, str] = {}
-    for p, k in digests.items():
-        first_path.setdefault(k, p)
+    for p in all_paths:
+        first_path.setdefault(digests[p], p)
     missing = cache.missing(digests[p] for p in all_paths)
     summary.n_encoded = len(missing)
     bad_keys = set(
@@ -188,6 +244,7 @@ def extract_bags(
             on_bad_tile=on_bad_tile, log=log, progress=progress,
         )
     )
+    summary.n_encoded = len(missing) - len(bad_keys)  # bad tiles skipped were not encoded
     summary.bad_tiles = sorted(first_path[k] for k in bad_keys)
     for i, bag in enumerate(todo):
         paths = [str(p) for p in bag.tile_paths if digests[str(p)] not in bad_keys]
@@ -196,7 +253,8 @@ def extract_bags(
         feats = cache.get_many([digests[p] for p in paths])
         write_feature_bag(
             out_dir / f"{bag.bag_id}.h5",
-            FeatureBag(bag_id=bag.bag_id, features=feats, tile_paths=paths, label=bag.label, attrs=attrs),
+            FeatureBag(bag_id=bag.bag_id, features=feats, tile_paths=paths, label=bag.label,
+                       attrs={**attrs, CONTENT_DIGEST: bag_digests[bag.bag_id]}),
         )
         summary.n_written += 1
         if progress:

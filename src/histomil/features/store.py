@@ -15,7 +15,9 @@ A folder of such files, plus optional ``labels.csv`` / ``tiles.csv`` beside them
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import filelock
 import h5py
 import numpy as np
 
@@ -65,6 +68,47 @@ def atomic_write(final: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# mkstemp's names: "." + the final name + "." + 8 characters from [a-z0-9_] + ".tmp" (see atomic_path)
+_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temp_leftovers(folder: Path, final_pattern: str) -> list[Path]:
+    """Delete the temporary files :func:`atomic_path` made in ``folder`` for outputs named like
+    ``final_pattern`` (fnmatch, e.g. ``*.h5``) that a killed process left behind; returns them.
+
+    Call it only while holding :func:`exclusive_output` on ``folder``: a live writer's temp file would
+    otherwise go too. Nothing else is touched: only names of exactly this temp shape match."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match and fnmatch.fnmatchcase(match["final"], final_pattern) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def exclusive_output(folder: Path, step: str) -> Iterator[None]:
+    """Hold an exclusive lock on an output folder for one step (``.histomil.lock``, released when the
+    process ends, even by kill -9): a second process writing there is refused in one line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(folder / ".histomil.lock", timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise HistomilError(
+            f"{folder}: another histomil process is writing here ({step}); wait for it to finish or use another output folder"
+        ) from None
+    except OSError as exc:
+        raise HistomilError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_feature_bag(path: str | Path, bag: FeatureBag) -> None:

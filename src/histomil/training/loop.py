@@ -12,7 +12,10 @@ one training epoch, the validation metrics, and how to save the best model. The 
 * ``last.pt``: the full training state after the latest epoch (weights, optimizer, torch and numpy
   RNG states, history, early-stopping state, the config and the data's identity), so
   ``run_training(..., resume=True)`` continues exactly where an interrupted run stopped and ends
-  with the same result as an uninterrupted one; resuming refuses other data or changed options.
+  with the same result as an uninterrupted one; resuming refuses changed options, and starts afresh
+  (with a one-line warning) when the data changed, feature values included.
+* One process trains in ``out_dir`` at a time (:func:`histomil.features.store.exclusive_output`); the
+  temp files a killed run left there are removed when the next one starts.
 * Early stopping: not before ``config.min_epochs``, after ``config.patience`` epochs without
   improvement. ``val_auc`` ties (common at 1.0) are broken by ``val_loss``.
 * Denormal floats are flushed to zero (:func:`histomil.runtime.flush_denormals`) and freed
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,7 @@ import torch
 from torch import nn
 
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.features.store import atomic_write, exclusive_output, remove_temp_leftovers
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training.checkpoint_file import atomic_torch_save, read_checkpoint_dict
 from histomil.training.common import check_finite, seeded
@@ -45,6 +49,9 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "v
 STATE_FORMAT = "histomil-train-state"
 # Config fields that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "threads"})
+# How a changed part of a run's data identity is named in the restart notice.
+_IDENTITY_WORDS = {"fingerprint": "bags, labels or feature values", "in_dim": "feature dimension",
+                   "n_classes": "number of classes", "monitor": "monitored metric"}
 
 
 @dataclass
@@ -142,11 +149,13 @@ def run_training(
     ``config``: a pydantic model with ``epochs``, ``lr``, ``patience``, ``min_epochs``, ``seed``
     and ``threads``; ``build()`` is called with torch's RNG seeded from ``config.seed`` (forked:
     the caller's RNG is left untouched) and ``config.threads`` CPU threads, which stay in effect
-    for the whole run. ``fingerprint`` (the data), ``n_classes`` and ``checks`` (further values,
-    e.g. the feature dimension) must match for ``resume=True`` to continue from ``last.pt``, as
-    must every config field but ``resumable_changes``. Resuming without a ``last.pt`` starts
-    afresh; resuming a finished run returns it as is. ``on_epoch`` is called after each epoch
-    (once its files are written) with the history row plus ``best_epoch`` and ``improved``.
+    for the whole run. ``resume=True`` continues from ``last.pt`` when ``fingerprint`` (the data),
+    ``n_classes`` and ``checks`` (further values, e.g. the feature dimension) match, and starts
+    afresh with a warning when they do not; a config field other than ``resumable_changes`` that
+    changed is an error. Without a ``last.pt`` it starts afresh; a finished run is returned as is.
+    A fresh start first deletes the ``model.pt``, ``last.pt`` and ``history.csv`` of an earlier run.
+    ``on_epoch`` is called after each epoch (once its files are written) with the history row plus
+    ``best_epoch`` and ``improved``.
     """
     flush_denormals()
     keep_freed_memory()
@@ -155,11 +164,18 @@ def run_training(
     paths = {"model": out_dir / "model.pt", "last": out_dir / "last.pt", "history": out_dir / "history.csv"}
     identity = {"fingerprint": fingerprint, **(checks or {}), "n_classes": int(n_classes), "monitor": monitor}
 
-    with seeded(device, config.seed, config.threads):
+    with exclusive_output(out_dir, "training"), seeded(device, config.seed, config.threads):
+        for path in paths.values():  # temp files of a killed run (its finished files are kept)
+            remove_temp_leftovers(out_dir, path.name)
         run = build()
-        state = EpochState()
+        restored = None
         if resume and paths["last"].exists():
-            state = restore_state(paths["last"], run, config, device, identity, resumable_changes)
+            restored = restore_state(paths["last"], run, config, device, identity, resumable_changes)
+        if restored is None:  # a fresh start: nothing of an earlier run may stay beside the new one
+            for path in paths.values():
+                path.unlink(missing_ok=True)
+        state = restored if restored is not None else EpochState()
+        if restored is not None:
             write_history(paths["history"], state.history)
 
         while state.epoch < config.epochs and not state.stopped:
@@ -258,8 +274,12 @@ def restore_state(
     device: torch.device,
     identity: dict[str, Any],
     resumable_changes: Collection[str] = RESUMABLE_CHANGES,
-) -> EpochState:
-    """Load ``last.pt`` into model, optimizer and RNGs after checking it belongs to this run."""
+) -> EpochState | None:
+    """Load ``last.pt`` into model, optimizer and RNGs after checking it belongs to this run.
+
+    Changed options (other than ``resumable_changes``) are refused; changed data (``identity``: the
+    bags, labels and feature values, their dimension, the classes) give a one-line warning and None:
+    the run must start afresh, as nothing trained on the old data may carry over."""
     data = read_checkpoint_dict(path, what="training state to resume from")
     if data.get("format") != STATE_FORMAT:
         raise HistomilError(f"{path}: not a histomil training state (last.pt)")
@@ -268,10 +288,11 @@ def restore_state(
     changed = sorted(k for k in now if k not in resumable_changes and saved.get(k) != now[k])
     if changed:
         raise HistomilError(f"{path}: cannot resume, training options changed since the run started: {', '.join(changed)}")
-    if any(data.get(k) != v for k, v in identity.items() if k != "monitor"):
-        raise HistomilError(f"{path}: cannot resume, the training/validation bags differ from the interrupted run")
-    if data["monitor"] != identity["monitor"]:
-        raise HistomilError(f"{path}: cannot resume, monitored metric changed ({data['monitor']} -> {identity['monitor']})")
+    changed = [_IDENTITY_WORDS.get(k, k) for k, v in identity.items() if data.get(k) != v]
+    if changed:
+        warnings.warn(f"{path.parent}: the data changed since the interrupted run ({', '.join(changed)}); "
+                      "training starts afresh", stacklevel=3)
+        return None
     run.model.load_state_dict(data["model_state"])
     run.optimizer.load_state_dict(data["optimizer_state"])
     torch.set_rng_state(data["torch_rng"])
