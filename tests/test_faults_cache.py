@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
@@ -149,3 +150,50 @@ def test_concurrent_extractions_on_one_cache_equal_serial_runs(shared_data: Path
     shared, reference = FeatureCache(conc / "cache", info), FeatureCache(serial / "cache", info)
     assert shared.missing(keys) == []
     np.testing.assert_array_equal(shared.get_many(keys), reference.get_many(keys))
+
+
+# ------------------------------------------------------------ predict's work folder, keyed by content
+
+
+def _image_bags(shared_data: Path, root: Path, spec: dict[str, tuple[str, slice]]) -> Path:
+    """Bag folders ``root/<bag id>`` of real EBHI tiles: bag id -> (tissue class, which of its tiles)."""
+    for bag_id, (tissue, chosen) in spec.items():
+        (root / bag_id).mkdir(parents=True)
+        for tile in sorted((shared_data / "ebhi" / "tiles" / tissue).glob("*.jpg"))[chosen]:
+            shutil.copyfile(tile, root / bag_id / tile.name)
+    return root
+
+
+@pytest.mark.usefixtures("fast_encoder", "one_thread")
+def test_predict_never_returns_another_folders_bags(shared_data: Path, tmp_path: Path) -> None:
+    from tiny_runs import colour_stats_encoder
+
+    from histomil.evaluation.predict import predict_source
+    from histomil.models.registry import build_model
+    from histomil.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"embed_dim": 16, "attn_dim": 8, "dropout": 0.0}
+    encoder_info = colour_stats_encoder().feature_attrs()
+    model = save_checkpoint(tmp_path / "model.pt", build_model("gated_abmil", in_dim=96, **kwargs), "gated_abmil",
+                            kwargs, 2, encoder_info, None)
+    # the same bag ids, other tiles and other answers: A's bag 0 is a polyp, B's is normal mucosa
+    a = _image_bags(shared_data, tmp_path / "A", {"0": ("Polyp", slice(0, 4)), "1": ("Normal", slice(0, 4)),
+                                                    "2": ("Adenocarcinoma", slice(0, 4))})
+    b = _image_bags(shared_data, tmp_path / "B", {"0": ("Normal", slice(4, 9)), "1": ("Adenocarcinoma", slice(4, 8))})
+
+    def rows(source: Path, out_csv: Path) -> list[dict]:
+        predict_source(model, source, out_csv, top_k=2, precision="fp32")
+        return list(csv.DictReader(open(out_csv)))
+
+    from_a = rows(a, tmp_path / "out" / "pred.csv")
+    from_b = rows(b, tmp_path / "out" / "pred.csv")  # the same CSV, so the same work folder
+    alone = rows(b, tmp_path / "fresh" / "pred.csv")
+    assert [r["bag_id"] for r in from_b] == ["0", "1"]  # A's bag 2 is not B's
+    assert from_b == alone
+    assert [r["n_tiles"] for r in from_b] == ["5", "4"]
+    assert all(t in {p.name for p in (b / r["bag_id"]).iterdir()} for r in from_b for t in r["top_tiles"].split(";"))
+    assert from_a[0]["prob_positive"] != from_b[0]["prob_positive"]  # the check can tell the folders apart
+    assert [p.name for p in (tmp_path / "out" / ".pred-work" / "features").iterdir()] == [
+        p.name for p in (tmp_path / "fresh" / ".pred-work" / "features").iterdir()]  # A's features were removed
+    assert rows(a, tmp_path / "out" / "pred.csv") == from_a  # and back again
