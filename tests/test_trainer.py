@@ -250,8 +250,8 @@ def test_bad_bags_are_clear_errors(toy, tmp_path):
     for t, v, msg in cases:
         with pytest.raises(HistomilError, match=msg):
             train(t, v, cfg(epochs=1), tmp_path)
-    with pytest.raises(HistomilError, match="unknown model"):
-        train(tb, vb, cfg(model="nope"), tmp_path)
+    with pytest.raises(HistomilError, match="train.yaml: model: unknown model 'nope'"):
+        TrainConfig.parse({"model": "nope"}, "train.yaml")  # refused when the config is read, before any work
     with pytest.raises(HistomilError, match="patience"):
         TrainConfig.parse({"patience": 0}, "train.yaml")
     with pytest.raises(HistomilError, match="train.yaml: .*epochz"):

@@ -6,8 +6,9 @@ command-line overrides into such a model and pydantic's errors into one line nam
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -56,13 +57,28 @@ def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | None) ->
     return raw
 
 
-def validation_message(exc: ValidationError) -> str:
-    """pydantic's first error as one line: 'key.sub: what is wrong'."""
+def validation_message(exc: ValidationError, as_options: bool = False) -> str:
+    """pydantic's first error as one line: 'key.sub: what is wrong (got VALUE)'; with ``as_options`` the
+    key is named as the command-line option that set it ('--batch-size: ...')."""
     err = exc.errors()[0]
     where = ".".join(str(x) for x in err["loc"])
+    if as_options and where:
+        where = "--" + where.replace("_", "-")
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     message = err["msg"].replace("Value error, ", "")
+    value = err.get("input")
+    if err["type"] != "value_error" and (value is None or isinstance(value, (str, int, float, bool))):
+        message += f" (got {value!r})"  # pydantic's own messages say what is allowed, not what was given
     return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
+def one_of(value: str, allowed: Iterable[str], what: str) -> str:
+    """``value`` when it is one of ``allowed``; else a ValueError naming it and the allowed names
+    (for pydantic validators, so an unknown model or encoder fails when the config is read)."""
+    names = sorted(allowed)
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(names)}")
+    return value
 
 
 def validate(model: type[M], raw: Mapping[str, Any], source: str) -> M:
@@ -71,6 +87,29 @@ def validate(model: type[M], raw: Mapping[str, Any], source: str) -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise HistomilError(f"{source}: {validation_message(exc)}") from None
+
+
+def validate_options(model: type[M], options: Mapping[str, Any]) -> M:
+    """``model.model_validate(options)`` for command-line options, errors naming the option: the same
+    checks as the config files, before any work."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        raise HistomilError(validation_message(exc, as_options=True)) from None
+
+
+def check_range(option: str, value: float | None, low: float | None = None, high: float | None = None) -> None:
+    """Refuse a numeric command-line option outside [low, high] (or not finite) in one line:
+    '--threshold must lie in [0, 1], got 1.5'. ``None`` (option not given) passes."""
+    if value is None:
+        return
+    if math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high):
+        return
+    if low is not None and high is not None:
+        allowed = f"lie in [{low:g}, {high:g}]"
+    else:
+        allowed = f"be at least {low:g}" if low is not None else f"be at most {high:g}"
+    raise HistomilError(f"{option} must {allowed}, got {value:g}")
 
 
 def load_config(model: type[M], path: str | Path, overrides: Mapping[str, Any] | None = None, path_keys: tuple[str, ...] = ("tiles",)) -> M:

@@ -2,11 +2,17 @@
 
 Library code never imports rich; it accepts a ``progress`` callback. The CLI passes the one made
 here, which opens one bar per stage name the first time that stage reports.
+
+stdout carries results only (tables, summaries: :func:`show_result`), so ``histomil ... > file`` and pipes
+get just those; progress bars, log lines (:func:`log`), warnings and errors go to stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
+import os
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -23,10 +29,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from histomil.errors import HistomilError
+from histomil.errors import HistomilError, os_error_line
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(stderr=False)  # results only
+err_console = Console(stderr=True)  # progress, log lines, warnings, errors
 
 
 @contextmanager
@@ -41,7 +47,7 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int], No
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=err_console,
         transient=False,
     )
     tasks: dict[str, int] = {}
@@ -60,8 +66,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False, soft_wrap=True)
 
 
+def _error(message: str) -> None:
+    err_console.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn HistomilError into a one-line message and exit status 2; warnings become one line each."""
+    """Turn HistomilError and OSError (full disk, read-only folder, no permission) into one ``error:``
+    line and exit status 2; warnings become one line each.
+
+    An OSError that names no file (Python's write errors do not) is reported against the command's
+    ``out`` argument, the only place a command writes to.
+    """
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -70,7 +86,14 @@ def user_errors(fn: Callable) -> Callable:
                 warnings.showwarning = _one_line_warning
                 return fn(*args, **kwargs)
         except HistomilError as exc:
-            err_console.print(Text.assemble(("error: ", "red"), str(exc)), highlight=False, soft_wrap=True)
+            _error(str(exc))
+            raise typer.Exit(2) from None
+        except BrokenPipeError:  # stdout's reader went away (``histomil ... | head``): nothing to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            out = signature.bind_partial(*args, **kwargs).arguments.get("out")
+            _error(os_error_line(exc, fallback=out))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished outputs are kept; run the same command again to resume")
@@ -80,5 +103,10 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def log(message: str) -> None:
-    """Print one plain line (no markup, no highlighting)."""
+    """Print one plain progress or log line to stderr (no markup, no highlighting)."""
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def show_result(message: str) -> None:
+    """Print a result (a table, a summary, where the outputs went) to stdout, as plain text."""
     console.print(message, markup=False, highlight=False, soft_wrap=True)

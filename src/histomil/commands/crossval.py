@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from histomil.config import parse_overrides
-from histomil.ui import console, log, progress_bars, user_errors
+from histomil.ui import log, progress_bars, show_result, user_errors
 
 
 @user_errors
@@ -26,5 +26,5 @@ def crossval_cmd(
     cfg = load_crossval_config(config, parse_overrides(set_))
     with progress_bars() as progress:
         summary = run_crossval(cfg, out, log=log, progress=progress)
-    console.print(crossval_markdown(summary), markup=False, highlight=False, soft_wrap=True)
-    log(f"wall time {summary['wall_seconds']:.0f} s; reports, plots and per-fold results in {out}")
+    show_result(crossval_markdown(summary))
+    show_result(f"wall time {summary['wall_seconds']:.0f} s; reports, plots and per-fold results in {out}")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from histomil.config import read_mapping
-from histomil.ui import log, progress_bars, user_errors
+from histomil.ui import log, progress_bars, show_result, user_errors
 
 
 @user_errors
@@ -71,6 +71,6 @@ def train_pixels_cmd(
         result = train_pixels(train_bags, val_bags, cfg, out, on_epoch=lambda row: progress("epochs", int(row["epoch"]), cfg.epochs),
                               progress=progress, resume=resume)
     best = result.best_metrics
-    log(f"best epoch {result.best_epoch} of {result.epochs_run}: val_loss {best.get('val_loss', float('nan')):.4f}, "
-        f"val_acc {best.get('val_acc', float('nan')):.3f}, val_auc {best.get('val_auc', float('nan')):.3f}; "
-        f"model saved to {result.model_path}")
+    show_result(f"best epoch {result.best_epoch} of {result.epochs_run}: val_loss {best.get('val_loss', float('nan')):.4f}, "
+                f"val_acc {best.get('val_acc', float('nan')):.3f}, val_auc {best.get('val_auc', float('nan')):.3f}; "
+                f"model saved to {result.model_path}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histomil.ui import log, user_errors
+from histomil.ui import log, show_result, user_errors
 
 
 @user_errors
@@ -21,4 +21,4 @@ def report_cmd(
     from histomil.reports.html import build_report
 
     path = build_report(run_dir, out, bags=bag, max_bags=max_bags, max_tiles=max_tiles, log=log)
-    log(f"open {path} in a browser (no network needed)")
+    show_result(f"open {path} in a browser (no network needed)")

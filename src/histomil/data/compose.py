@@ -566,8 +566,11 @@ def compose_study(
         by_role[assignment[patient]].append(patient)
 
     width = max(2, len(str(spec.bag_size - 1)))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as exc:  # a read-only or full disk: name the study folder, not the temporary one
+        raise OSError(exc.errno, exc.strerror, str(out_dir)) from None
     study: dict[str, Any] = {
         "format": STUDY_FORMAT,
         "version": STUDY_VERSION,

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from histomil import __version__
-from histomil.errors import HistomilError
+from histomil.errors import WRITE_ERRNOS, HistomilError, write_failure
 
 
 @dataclass
@@ -49,9 +49,16 @@ class FeatureBag:
 
 
 def atomic_path(final: Path) -> Path:
-    """A temporary path in the same folder as ``final``, for write-then-rename."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    """A temporary path in the same folder as ``final``, for write-then-rename.
+
+    A folder that cannot take it (read-only, full, not ours) raises an OSError naming ``final``."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(final)) from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should read like any other file
     return Path(tmp)
@@ -60,13 +67,19 @@ def atomic_path(final: Path) -> Path:
 @contextmanager
 def atomic_write(final: Path) -> Iterator[Path]:
     """Write-then-rename: yields a temporary path beside ``final``, renamed over ``final`` when the
-    block succeeds and removed when it raises (interrupts included), so readers never see half a file."""
+    block succeeds and removed when it raises (interrupts included), so readers never see half a file.
+
+    A write that fails for want of space or permission, however the writer (Python, h5py, torch) says
+    so, is raised as an OSError naming ``final`` and the problem (:func:`histomil.errors.write_failure`)."""
     tmp = atomic_path(final)
     try:
         yield tmp
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        failure = write_failure(exc, final, tmp)  # before the unlink: a full disk frees space then
         tmp.unlink(missing_ok=True)
+        if failure is not None:
+            raise failure from None
         raise
 
 

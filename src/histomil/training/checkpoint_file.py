@@ -22,6 +22,7 @@ the model of each kind.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,22 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REFUSED = re.compile(r"WeightsUnpickler error: ([^\n]+?)(?: was not an allowed global by default|\.?\n|$)")
+
+
+def load_problem(exc: BaseException) -> str:
+    """What ``torch.load`` failed on, in a few plain words: no ANSI codes, none of torch's advice on
+    loading untrusted files with ``weights_only=False`` (a pickle histomil refuses stays refused)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    refused = _REFUSED.search(text)
+    if refused:
+        return f"holds Python objects other than tensors and plain values: {refused[1].strip()}"
+    if isinstance(exc, (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError)) and text:
+        return text.splitlines()[0].split(". This is an internal")[0]
+    return "truncated, corrupt or not a torch file"
+
+
 def read_checkpoint_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
     """Load a torch-saved dict safely (``weights_only``); any failure -> one-line HistomilError."""
     path = Path(path)
@@ -91,9 +108,8 @@ def read_checkpoint_dict(path: str | Path, what: str = "checkpoint") -> dict[str
         raise HistomilError(f"{path}: {what} not found")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HistomilError(f"{path}: not a readable {what} ({first})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever torch's unpickler raises, the file is not one we can read
+        raise HistomilError(f"{path}: not a readable {what} ({load_problem(exc)})") from None
     if not isinstance(data, dict):
         raise HistomilError(f"{path}: not a histomil {what} (unexpected content)")
     return data

@@ -33,7 +33,7 @@ def parse_config(cls: type[C], data: dict[str, Any], source: str) -> C:
         return cls.model_validate(data)
     except pydantic.ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg'].replace('Value error, ', '')}" for err in exc.errors()
         )
         raise HistomilError(f"{source}: {problems}") from None
 

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from histomil.config import one_of
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
-from histomil.models.registry import build_model
+from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training.checkpoint_file import save_checkpoint
 from histomil.training.common import (
@@ -81,6 +82,11 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     # CPU threads while training (0 = torch's default). MIL heads on features are small: one thread is
     # about as fast as two on an idle 2-core machine and over 10x faster when another process competes.
     threads: int = Field(1, ge=0)
+
+    @pydantic.field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return one_of(name, model_names(), "model")  # when the config is read, not after features are extracted
 
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
