@@ -197,3 +197,18 @@ def test_predict_never_returns_another_folders_bags(shared_data: Path, tmp_path:
     assert [p.name for p in (tmp_path / "out" / ".pred-work" / "features").iterdir()] == [
         p.name for p in (tmp_path / "fresh" / ".pred-work" / "features").iterdir()]  # A's features were removed
     assert rows(a, tmp_path / "out" / "pred.csv") == from_a  # and back again
+
+
+def test_a_killed_writers_temporary_shard_is_removed_once_stale(tmp_path: Path) -> None:
+    from histomil.features.cache import STALE_TEMP_S
+    from histomil.features.store import atomic_path
+
+    root = FeatureCache(tmp_path, INFO).root
+    killed, live = atomic_path(root / "shard-0001-1-aa.h5"), atomic_path(root / "shard-0002-2-bb.h5")
+    killed.write_bytes(b"half a shard")
+    live.write_bytes(b"being written")
+    old = killed.stat().st_mtime - STALE_TEMP_S - 60
+    os.utime(killed, (old, old))
+    cache = FeatureCache(tmp_path, INFO)
+    assert not killed.exists() and live.exists()  # a live writer's file is never taken away
+    assert len(cache) == 0  # temporary files are never read as shards

@@ -180,15 +180,19 @@ def train_cmd(
     min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
 ) -> None:
-    """Train a MIL model on cached features, with early stopping and a resumable run folder."""
-    from histomil.features.store import load_feature_dataset
+    """Train a MIL model on cached features, with early stopping and a resumable run folder.
+
+    Feature folders of any layout (histomil, CLAM h5_files/pt_files, TRIDENT, STAMP), labelled by a
+    labels.csv (case,y_true) beside the files (or a histomil file's own label)."""
+    from histomil.features.formats import load_features_folder
+    from histomil.features.validate import training_encoder_info
     from histomil.training.trainer import train
 
     cfg = _train_config(config, model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
                         patience=patience, min_epochs=min_epochs, seed=seed)
-    train_bags = load_feature_dataset(train_features, require_labels=True)
-    val_bags = load_feature_dataset(val, require_labels=True)
-    encoder_info = dict(train_bags[0].attrs)
+    train_bags = load_features_folder(train_features, require_labels=True)
+    val_bags = load_features_folder(val, require_labels=True)
+    encoder_info = training_encoder_info([*train_bags, *val_bags])
     with progress_bars() as progress:
         result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
                        on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
@@ -202,8 +206,11 @@ def evaluate_cmd(
     test_sets: list[Path] = typer.Argument(..., help="One or more labelled feature folders."),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md, predictions and plots."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the one stored in the model, 0.5)."),
+    allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
 ) -> None:
-    """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots."""
+    """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
+
+    Test sets are feature folders of any layout (histomil, CLAM, TRIDENT, STAMP) with a labels.csv."""
     from histomil.evaluation.evaluate import evaluate_sets
     from histomil.reports.tables import metrics_markdown
 
@@ -211,7 +218,8 @@ def evaluate_cmd(
     if len(set(names)) != len(names):
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
-        results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress)
+        results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
+                                allow_encoder_mismatch=allow_encoder_mismatch)
     _log(metrics_markdown(results))
     _log(f"written to {out}")
 
@@ -220,13 +228,15 @@ def evaluate_cmd(
 @user_errors
 def predict_cmd(
     model: Path = typer.Argument(..., help="A model checkpoint (model.pt)."),
-    source: Path = typer.Argument(..., help="Unlabelled bag folders (one sub-folder of tiles per bag), a manifest CSV, or a feature folder."),
+    source: Path = typer.Argument(..., help="Unlabelled bag folders (one sub-folder of tiles per bag), a manifest CSV, or feature files (a folder or one file; histomil, CLAM, TRIDENT, STAMP)."),
     out: Path = typer.Option(..., "--out", help="CSV to write."),
     top_k: int = typer.Option(5, help="How many highest-attention tiles to list per bag."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the model's)."),
     on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
     mpp: float = typer.Option(0.5, help="Slides only: tile resolution in micrometres per pixel."),
-    slide_mpp: Optional[float] = typer.Option(None, help="Slides only: the scan resolution when the header has none."),
+    slide_mpp: Optional[float] = typer.Option(None, help="The scan resolution (um/px) when the slide header has none; STAMP features: turns their micrometre coordinates into level-0 pixels."),
+    coords: Optional[Path] = typer.Option(None, "--coords", help="Feature pt files: the CLAM/TRIDENT patches folder with their coordinates."),
+    allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
     precision: str = typer.Option("auto", help="Bags: precision of the encoder (image bags) and the MIL head: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
 ) -> None:
     """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
@@ -245,7 +255,8 @@ def predict_cmd(
         return
 
     with progress_bars() as progress:
-        rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress, precision)
+        rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress, precision,
+                              slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch)
     n_pos = sum(r["predicted_class"] for r in rows)
     _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
 

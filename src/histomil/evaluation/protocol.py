@@ -64,7 +64,7 @@ from histomil.evaluation.calibration import expected_calibration_error, plot_rel
 from histomil.evaluation.evaluate import tile_truth_for
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
 from histomil.evaluation.threshold import RULES, ThresholdConfig, describe_rule, fit_threshold
-from histomil.features.store import load_feature_dataset
+from histomil.features.formats import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.pipeline import (
     FeatureConfig,

@@ -11,7 +11,9 @@ one complete by a rename, so a visible shard is always whole and never changes. 
 is the index; there is no index file to merge and so no lock. A reader that misses a key re-scans
 the folder for shards published since it last looked. Two writers may both encode a tile the other
 has not published yet: both store identical features and readers keep the first shard by name.
-Caches of older versions (``shard-NNNNN.h5``) read as before.
+Caches of older versions (``shard-NNNNN.h5``) read as before. The temporary file of a writer killed
+while writing a shard is removed by the next cache opened there once it is an hour old (a live writer
+fills its temporary file within seconds, and no lock can tell a live writer on another machine).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from histomil.errors import HistomilError, write_failure
 from histomil.features.store import atomic_path, atomic_write
 
 
+STALE_TEMP_S = 3600.0  # a shard's temporary file older than this belongs to a killed writer
+
+
 class FeatureCache:
     """Content-hash -> feature vector, stored as immutable HDF5 shards."""
 
@@ -39,6 +44,7 @@ class FeatureCache:
         self.root = Path(root) / _config_name(self.encoder_info)
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_config()
+        self._remove_stale_temps()
         self._index: dict[str, tuple[str, int]] = {}  # key -> (shard file name, row)
         self._shards: dict[str, np.ndarray] = {}  # shard file name -> its features, once read
         self._seen: set[str] = set()  # shard file names already indexed
@@ -83,6 +89,16 @@ class FeatureCache:
             raise HistomilError(f"{meta}: unreadable feature cache configuration ({exc}); delete the folder to re-encode") from None
         if stored != wanted:
             raise HistomilError(f"{meta}: cache was made with a different encoder configuration")
+
+    def _remove_stale_temps(self) -> None:
+        """Delete shard temporary files (``.shard-*.h5.*.tmp``) that killed writers left over an hour ago."""
+        now = time.time()
+        for tmp in self.root.glob(".shard-*.h5.*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                    tmp.unlink()
+            except OSError:  # gone already (another reader cleaned it) or not ours to delete: harmless
+                continue
 
     def refresh(self) -> int:
         """Index the shards published since the last look (by this or another process); returns how many."""

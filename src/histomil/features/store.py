@@ -157,8 +157,9 @@ def read_feature_bag(path: str | Path) -> FeatureBag:
             ]
             coords = np.asarray(f["coords"][()]) if "coords" in f else None
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
-    except OSError as exc:
-        raise HistomilError(f"{path}: cannot read feature file ({exc})") from None
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:  # h5py's errors on truncated or damaged files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({first})") from None
     label = attrs.pop("label", -1)
     bag_id = str(attrs.pop("bag_id", path.stem))
     return FeatureBag(
