@@ -310,3 +310,32 @@ def test_bag_tiles_of_another_size_get_the_presets_resize_and_crop(
     enc = build_encoder(f"timm:{TINY}", precision="fp32", weights=weight_files["pth"])
     ref = enc.encode(np.stack([tiles[Path(p).stem] for p in paths]))
     assert np.abs(feats - ref).max() < 0.01 * np.abs(ref).max()
+
+
+def test_slide_features_are_redone_when_the_weights_change(
+    weight_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """'features slides' into a folder holding another weights file's features re-encodes, never keeps them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from slide_fixtures import make_slide
+
+    (tmp_path / "slides").mkdir()
+    slide = make_slide(tmp_path / "slides")
+    torch.manual_seed(5)
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(TINY, num_classes=0).state_dict().items()}, str(other))
+    out = tmp_path / "feats"
+    args = ("features", "slides", slide, "--out", out, "--encoder", f"timm:{TINY}", "--mpp", "1", "--precision", "fp32",
+            "--runtime", "torch", "--workers", "0")
+    assert invoke(*args, "--weights", weight_files["safetensors"]).exit_code == 0
+    first = read_feature_bag(out / f"{slide.stem}.h5")
+    r = invoke(*args, "--weights", other)
+    assert r.exit_code == 0, r.output
+    second = read_feature_bag(out / f"{slide.stem}.h5")
+    fresh = tmp_path / "fresh"
+    assert invoke(*args[:4], fresh, *args[5:], "--weights", other).exit_code == 0
+    assert second.attrs["weights"] != first.attrs["weights"]
+    np.testing.assert_array_equal(second.features, read_feature_bag(fresh / f"{slide.stem}.h5").features)
+    assert not np.allclose(second.features, first.features)
