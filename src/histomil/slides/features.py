@@ -368,6 +368,8 @@ def existing_complete(path: str | Path, encoder: torch.nn.Module, tiling: str) -
             attrs = f.attrs
             same = all(_same(attrs.get(k), want[k]) for k in ("encoder", "precision", "input_size", "mean", "std"))
             same = same and _same(attrs.get("runtime", "torch"), want.get("runtime", "torch"))  # older files: torch
+            # weights identity and preset preprocessing: recorded only when set (absent on both sides for Lite0)
+            same = same and all(_same(attrs.get(k), want.get(k)) for k in ("weights", "resize", "interpolation"))
             return same and _same(attrs.get("tiling"), tiling)
     except (OSError, KeyError):
         return False
