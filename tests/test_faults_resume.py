@@ -233,6 +233,10 @@ def test_run_refuses_changed_settings_and_ignores_hardware(tmp_path: Path):
     env = out / "environment.json"
     env.write_text(env.read_text().replace('"cpu', '"another machine\'s cpu'))
     cli("run", config, "--out", out, "--set", "features.batch_size=7", "--set", "train.threads=2")  # speed only
+    older = json.loads((out / "config.json").read_text())
+    del older["features"]["channels_last"]  # made before this key existed: it reads as its default
+    (out / "config.json").write_text(json.dumps(older))
+    cli("run", config, "--out", out)
 
 
 def test_run_refuses_a_changed_tile_table(tmp_path: Path):
@@ -332,3 +336,43 @@ def test_exclusive_output_names_the_folder(tmp_path: Path):
     with exclusive_output(tmp_path, "training"), pytest.raises(HistomilError, match="another histomil process"):
         with exclusive_output(tmp_path, "training"):
             pass
+
+
+def test_crossval_refuses_a_changed_tile_table_and_reads_older_configs(tmp_path: Path):
+    from tiny_runs import write_tiny_crossval_config
+
+    from histomil.data.compose import read_tile_table
+    from histomil.evaluation.protocol import load_crossval_config
+
+    config = write_tiny_crossval_config(tmp_path / "cv.yaml")
+    out = tmp_path / "cv"
+    out.mkdir()
+    cfg = load_crossval_config(config)
+    older = json.loads(cfg.model_dump_json())
+    del older["features"]["channels_last"]  # a key this folder's histomil did not have yet: its default applies
+    (out / "config.json").write_text(json.dumps(older))
+    c = cfg.columns
+    table = read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split)
+    table.labels[0] = 1 - table.labels[0]  # the folder was made before one tile label was corrected
+    (out / "inputs.json").write_text(json.dumps({"tile_table_digest": table.digest()}))
+    message = cli_error("crossval", config, "--out", out)
+    assert "the tile table changed" in message and "use another output folder" in message
+    assert not (out / "seed_0").exists()  # refused before any work
+
+
+def test_train_pixels_restarts_when_a_tile_changes(tmp_path: Path):
+    from histomil.data.bags import load_bag_folders
+    from histomil.training.pixels import PixelTrainConfig, train_pixels
+
+    root = bag_root(tmp_path, n_bags=6, size=2)
+    cfg = PixelTrainConfig(backbone="original", finetune=None, model="gated_abmil", input_size=32, pretrained=False,
+                           epochs=1, min_epochs=0, num_workers=0, model_kwargs={"embed_dim": 8, "attn_dim": 4, "dropout": 0.0})
+    bags = load_bag_folders(root)
+    train_pixels(bags[:4], bags[4:], cfg, tmp_path / "run")
+    tile = bags[1].tile_paths[0]
+    shutil.copyfile(sorted(example_tile_table().parent.rglob("*.jpg"))[50], tile)  # same name, other pixels
+    with pytest.warns(UserWarning, match="data changed"):
+        resumed = train_pixels(bags[:4], bags[4:], cfg, tmp_path / "run", resume=True)
+    fresh = train_pixels(bags[:4], bags[4:], cfg, tmp_path / "fresh")
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(resumed.history) == drop(fresh.history)

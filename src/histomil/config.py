@@ -6,6 +6,7 @@ command-line overrides into such a model and pydantic's errors into one line nam
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
@@ -132,3 +133,18 @@ def changed_keys(old: Any, new: Any, prefix: tuple[str, ...] = ()) -> list[tuple
             out += changed_keys(old.get(k), new.get(k), prefix + (k,))
         return out
     return [] if old == new else [prefix]
+
+
+def changed_settings(model: type[BaseModel], old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """:func:`changed_keys` between a recorded config (``old``, e.g. a run folder's config.json) and
+    ``new``, both as JSON-like dicts of ``model``; a key the record lacks (added to ``model`` since the
+    folder was made) counts as its default, so newer versions can still resume older folders."""
+    required = {name: new[name] for name, field in model.model_fields.items() if field.is_required() and name in new}
+    defaults = json.loads(model.model_construct(**required).model_dump_json())
+
+    def filled(base: Any, record: Any) -> Any:
+        if isinstance(base, dict) and isinstance(record, dict):
+            return {**base, **{k: filled(base.get(k), v) for k, v in record.items()}}
+        return record
+
+    return changed_keys(filled(defaults, dict(old)), dict(new))

@@ -17,7 +17,9 @@ import numpy as np
 from histomil.data.bags import read_tile_truth
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
-from histomil.features.store import FeatureBag, load_feature_dataset
+from histomil.features.formats import load_features_folder
+from histomil.features.store import FeatureBag
+from histomil.features.validate import check_bags_for_model
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
 from histomil.reports.tables import metrics_markdown, write_json, write_text
 from histomil.training.checkpoint import load_checkpoint
@@ -45,8 +47,14 @@ def evaluate_sets(
     out_dir: str | Path,
     threshold: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    allow_encoder_mismatch: bool = False,
 ) -> dict[str, dict]:
-    """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs."""
+    """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs.
+
+    Every file of every folder is checked for the model (finite, its dimension and encoder; see
+    :mod:`histomil.features.validate`); ``allow_encoder_mismatch`` lets another encoder's features through.
+    metrics.json is written last, so a bad file in a later set leaves no metrics.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, meta = load_checkpoint(checkpoint)
@@ -56,7 +64,7 @@ def evaluate_sets(
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (name, folder) in enumerate(test_sets.items()):
         folder = Path(folder)
-        bags, preds = _predict_folder(model, meta, folder)
+        bags, preds = _predict_folder(model, meta, _load_folder(meta, folder, allow_encoder_mismatch))
         y = np.array([b.label for b in bags], dtype=int)
         prob = np.array([p[1] for p, _ in preds], dtype=float)
         metrics = binary_metrics(y, prob, threshold)
@@ -78,31 +86,28 @@ def evaluate_sets(
     return results
 
 
-def _predict_folder(model, meta: dict, folder: Path) -> tuple[list, list]:
-    """Labelled bags of ``folder`` and the model's (probs, attention) for each.
+def _load_folder(meta: dict, folder: Path, allow_encoder_mismatch: bool) -> list:
+    """The labelled bags of ``folder``, every file checked for the model.
 
-    Models on cached features read a feature folder; end-to-end pixel models (checkpoint kind
-    ``"pixels"``) read a bag folder of tile images.
+    Models on cached features read a feature folder of any layout (histomil, CLAM, TRIDENT, STAMP);
+    end-to-end pixel models (checkpoint kind ``"pixels"``) read a bag folder of tile images.
     """
     if meta.get("kind") == "pixels":
         from histomil.data.bags import load_bag_folders
+
+        return load_bag_folders(folder, require_labels=True)
+    bags = load_features_folder(folder, require_labels=True)
+    check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=folder)
+    return bags
+
+
+def _predict_folder(model, meta: dict, bags: list) -> tuple[list, list]:
+    """``bags`` and the model's (probs, attention) for each (pixel models read the tiles)."""
+    if meta.get("kind") == "pixels":
         from histomil.training.pixels import predict_pixels
 
-        bags = load_bag_folders(folder, require_labels=True)
         return bags, predict_pixels(model, bags)
-    bags = load_feature_dataset(folder, require_labels=True)
-    _check_encoder(meta, bags, folder)
     return bags, predict(model, bags)
-
-
-def _check_encoder(meta: dict, bags: list[FeatureBag], folder: Path) -> None:
-    want = (meta.get("encoder_info") or {}).get("name")
-    have = bags[0].attrs.get("encoder")
-    if want and have and want != have:
-        raise HistomilError(f"{folder}: features were made with encoder {have!r}, the model expects {want!r}")
-    dim = int(meta.get("in_dim", bags[0].features.shape[1]))
-    if bags[0].features.shape[1] != dim:
-        raise HistomilError(f"{folder}: features have {bags[0].features.shape[1]} dims, the model expects {dim}")
 
 
 def _write_predictions(path: Path, bags: list, prob: np.ndarray, threshold: float) -> None:

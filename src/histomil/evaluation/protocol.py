@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
 from histomil import config
+from histomil.config import changed_settings
 from histomil.data.compose import (
     SPLITS,
     StudySpec,
@@ -261,29 +262,40 @@ def composed_patients(study_dir: Path) -> dict[str, set[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def _diff_keys(old: Any, new: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff_keys(old.get(k), new.get(k), prefix + (k,))
-        return out
-    return [] if old == new else [prefix]
-
-
 def _check_resume(out_dir: Path, cfg_json: dict) -> None:
     path = out_dir / "config.json"
     if not path.exists():
         return
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError):
         raise HistomilError(f"{path}: unreadable; not a cross-validation folder, or a damaged one") from None
-    changed = [k for k in _diff_keys(old, cfg_json) if k[:1] not in _RESUMABLE and k[:2] not in _RESUMABLE]
+    changed = [k for k in changed_settings(CrossValConfig, old, cfg_json) if k[:1] not in _RESUMABLE and k[:2] not in _RESUMABLE]
     if changed:
         raise HistomilError(
             f"{out_dir}: was made with a different config ({'.'.join(changed[0])} changed);"
             " use another output folder, or restore the old setting to resume"
         )
+
+
+def _check_tile_table(out_dir: Path, table: TileTable) -> None:
+    """Record the tile table's digest (``inputs.json``) and refuse a folder made from another version of
+    the table: finished folds and composed bags would otherwise be mixed with new ones."""
+    path = out_dir / "inputs.json"
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("tile_table_digest")
+        except (OSError, ValueError, AttributeError):
+            raise HistomilError(f"{path}: unreadable; not a cross-validation folder, or a damaged one") from None
+        if recorded != table.digest():
+            raise HistomilError(
+                f"{table.source}: the tile table changed (paths, labels, patients or splits) since {out_dir} was made;"
+                " use another output folder, or restore the table to resume"
+            )
+    else:
+        write_json(path, {"tile_table": str(table.source), "tile_table_digest": table.digest()})
 
 
 def _fold_spec(cfg: CrossValConfig, seed: int, **update: Any) -> StudySpec:
@@ -527,6 +539,7 @@ def run_crossval(
 
     c = cfg.columns
     table = read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split)
+    _check_tile_table(out, table)
     holdout = holdout_patients(table, cfg.holdout_fraction, cfg.holdout_seed)
     cv_patients = sorted(set(table.patients) - holdout)
     cv_table = subset_table(table, cv_patients)

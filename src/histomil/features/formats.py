@@ -30,7 +30,7 @@ A fact a layout does not record (CLAM h5_files: tile size; pt files: coordinates
 file beside it (CLAM ``patches/<slide>.h5``, TRIDENT ``patches/<slide>_patches.h5``), used only when
 its coordinates are those of the feature file (or, for coordinate-less pt files, as many). Otherwise
 the fact stays unknown: ``attrs["coords_missing"]`` / ``attrs["tile_size_missing"]`` say why, and
-:func:`require_geometry` stops a command that needs it with one line naming the file and the fact.
+:func:`histomil.features.geometry.require_geometry` stops a command that needs it with one line naming the file and the fact.
 Nothing is guessed.
 """
 
@@ -47,6 +47,16 @@ import h5py
 import numpy as np
 
 from histomil.errors import HistomilError
+from histomil.features.geometry import (
+    READ_ERRORS,
+    agree_tile_size,
+    coords_matrix,
+    find_sidecar,
+    first_line,
+    level0_tile_size,
+    plain,
+    stamp_geometry,
+)
 from histomil.features.store import FeatureBag, read_feature_bag
 from histomil.features.validate import canonical_encoder, check_finite
 
@@ -58,9 +68,6 @@ _TRIDENT_KEYS = {"patch_size_level0", "level0_magnification", "target_magnificat
 #: attributes worth keeping on the bag: they tell how large a tile is on the slide.
 _GEOMETRY_KEYS = ("patch_size_level0", "patch_size", "patch_level", "downsample", "tile_size", "level0_magnification",
                   "target_magnification", "tile_size_um", "tile_size_px")
-#: STAMP v1 (no ``unit``): coordinates are pixels of tiles of 224 px covering 256 µm.
-STAMP_V1_TILE_PX, STAMP_V1_TILE_UM = 224, 256.0
-_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 
 
 @dataclass
@@ -75,21 +82,6 @@ class _Raw:
     attrs: dict[str, Any] = field(default_factory=dict)  # file + features attributes, file first
     tile_paths: list[str] | None = None
     label: int | None = None
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _describe(f: h5py.File) -> str:
@@ -119,16 +111,6 @@ def _feature_matrix(path: Path, raw: Any, key: str) -> tuple[np.ndarray, str]:
     return out, str(arr.dtype)
 
 
-def _coords_matrix(path: Path, raw: Any, n: int, where: str = "coords") -> np.ndarray:
-    arr = np.asarray(raw)
-    if arr.ndim != 2 or arr.shape[1] < 2 or arr.shape[0] != n:
-        raise HistomilError(f"{path}: '{where}' has shape {arr.shape}; expected ({n}, 2), one (x, y) per feature row")
-    arr = arr[:, :2]
-    if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr.astype(np.float64)).all():
-        raise HistomilError(f"{path}: '{where}' has NaN, infinite or non-numeric values")
-    return arr
-
-
 # --------------------------------------------------------------------------------- detection
 
 
@@ -147,7 +129,7 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise HistomilError(f"{path}: not a readable HDF5 feature file ({_first_line(exc)})") from None
+        raise HistomilError(f"{path}: not a readable HDF5 feature file ({first_line(exc)})") from None
 
 
 def _detect_h5(path: Path, f: h5py.File) -> str:
@@ -209,15 +191,15 @@ def _read_h5(path: Path) -> _Raw:
             stored = f[key]
             feats, dtype = _feature_matrix(path, bag.features if kind == "histomil" else stored[()], key)
             dtype = str(stored.dtype)
-            attrs = {k: _plain(v) for k, v in f.attrs.items()}
+            attrs = {k: plain(v) for k, v in f.attrs.items()}
             for k, v in stored.attrs.items():
-                attrs.setdefault(k, _plain(v))
+                attrs.setdefault(k, plain(v))
             raw = _Raw(kind, feats, dtype, attrs=attrs)
             if "coords" in f:
-                raw.coords = _coords_matrix(path, f["coords"][()], feats.shape[0])
-                raw.coord_attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
-    except _READ_ERRORS as exc:
-        raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({_first_line(exc)})") from None
+                raw.coords = coords_matrix(path, f["coords"][()], feats.shape[0])
+                raw.coord_attrs = {k: plain(v) for k, v in f["coords"].attrs.items()}
+    except READ_ERRORS as exc:
+        raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({first_line(exc)})") from None
     if kind == "histomil":
         raw.tile_paths, raw.label = bag.tile_paths, bag.label
         for k in ("label", "bag_id"):
@@ -239,7 +221,7 @@ def _torch_load(path: Path) -> Any:
         with safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise HistomilError(f"{path}: not a readable torch feature file ({_first_line(exc)})") from None
+        raise HistomilError(f"{path}: not a readable torch feature file ({first_line(exc)})") from None
 
 
 def _read_pt(path: Path) -> _Raw:
@@ -266,7 +248,7 @@ def _read_pt(path: Path) -> _Raw:
     feats, dtype = _feature_matrix(path, raw, key)
     out = _Raw("pt", feats, dtype)
     if coords is not None:
-        out.coords = _coords_matrix(path, coords.cpu().numpy() if isinstance(coords, torch.Tensor) else coords, len(feats))
+        out.coords = coords_matrix(path, coords.cpu().numpy() if isinstance(coords, torch.Tensor) else coords, len(feats))
     out.attrs["source_tool"] = "CLAM" if path.parent.name == "pt_files" else "torch"
     encoder = _encoder_from_folder(path)
     if encoder:
@@ -311,16 +293,16 @@ def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, 
             attrs.setdefault(k, raw.coord_attrs[k])
     coords, size = raw.coords, None
     if raw.kind == "stamp":
-        coords, size = _stamp_geometry(path, raw, mpp, attrs)
+        coords, size = stamp_geometry(path, raw.attrs, raw.coords, mpp, attrs)
     else:
-        size = _level0_tile_size(raw.coord_attrs)
-        sidecar = _sidecar(path, raw, coords_dir)
+        size = level0_tile_size(raw.coord_attrs)
+        sidecar = find_sidecar(path, raw.kind, raw.features, raw.coords, raw.coord_attrs, coords_dir)
         if sidecar is not None:
             side_coords, side_attrs, side_path = sidecar
             if coords is None:
                 coords = side_coords
                 attrs["coords_source"] = str(side_path)
-            side_size = _level0_tile_size(side_attrs)
+            side_size = level0_tile_size(side_attrs)
             if size is None and side_size is not None:
                 size = side_size
                 attrs["tile_size_source"] = str(side_path)
@@ -328,7 +310,7 @@ def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, 
             attrs["coords_missing"] = (
                 f"{raw.kind} files store no coordinates; pass the folder of their CLAM/TRIDENT patches files (--coords)"
             )
-    size = _agree_tile_size(path, size, tile_size)
+    size = agree_tile_size(path, size, tile_size)
     if size is not None:
         attrs["patch_size_level0"] = size
     elif coords is not None and "tile_size_missing" not in attrs:
@@ -341,143 +323,6 @@ def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, 
     if names is None:
         names = [f"{x}_{y}" for x, y in coords.tolist()] if coords is not None else [str(i) for i in range(len(raw.features))]
     return FeatureBag(bag_id=path.stem, features=raw.features, tile_paths=names, label=raw.label, coords=coords, attrs=attrs)
-
-
-def _level0_tile_size(attrs: Mapping[str, Any]) -> int | None:
-    """Tile edge in level-0 pixels from ``coords`` attributes (TRIDENT, CLAM patches, histomil), or None."""
-    if attrs.get("patch_size_level0") is not None:
-        return int(round(float(attrs["patch_size_level0"])))
-    if attrs.get("patch_size") is None or "target_magnification" in attrs:  # TRIDENT's patch_size is not level 0
-        return None
-    size = float(attrs["patch_size"])
-    level = attrs.get("patch_level")
-    if level is not None and int(level) == 0:
-        return int(round(size))
-    down = attrs.get("downsample")
-    if level is None or down is None:
-        return None  # the size at an unknown level: the slide's downsample is needed
-    factor = float(np.ravel(down)[0])
-    return int(round(size * factor)) if np.isfinite(factor) and factor > 0 else None
-
-
-def _agree_tile_size(path: Path, recorded: int | None, given: int | None) -> int | None:
-    if given is None:
-        return recorded
-    if recorded is not None and abs(recorded - int(given)) > 1:
-        raise HistomilError(f"{path}: records tiles of {recorded} level-0 pixels, --tile-size says {int(given)}")
-    return recorded if recorded is not None else int(given)
-
-
-def _sidecar(path: Path, raw: _Raw, coords_dir: Path | None) -> tuple[np.ndarray, dict[str, Any], Path] | None:
-    """Coordinates + attributes from the tool's patches file for this slide, when they fit this file.
-
-    An explicit ``coords_dir`` that has no fitting file is an error; the tool's own sibling
-    ``patches/`` folder (CLAM ``<out>/patches/<slide>.h5``, TRIDENT ``<run>/patches/<slide>_patches.h5``)
-    is used only when it fits and silently skipped otherwise.
-    """
-    if raw.kind == "histomil" or (raw.coords is not None and raw.kind == "trident"):
-        return None
-    names = (f"{path.stem}.h5", f"{path.stem}_patches.h5")
-    if coords_dir is not None:
-        found = next((coords_dir / n for n in names if (coords_dir / n).is_file()), None)
-        if found is None:
-            raise HistomilError(f"{coords_dir}: no coordinates file for {path.name} ({' or '.join(names)})")
-        side = _read_coords_file(found)
-        problem = _misfit(raw, side[0])
-        if problem:
-            raise HistomilError(f"{found}: {problem} of {path}")
-        return (*side, found)
-    if raw.coords is not None and raw.coord_attrs:
-        return None  # the file carries its own coordinates and geometry
-    found = next((path.parent.parent / "patches" / n for n in names if (path.parent.parent / "patches" / n).is_file()), None)
-    if found is None:
-        return None
-    try:
-        side = _read_coords_file(found)
-    except HistomilError:
-        return None
-    return None if _misfit(raw, side[0]) else (*side, found)
-
-
-def _misfit(raw: _Raw, coords: np.ndarray) -> str | None:
-    if coords.shape[0] != raw.features.shape[0]:
-        return f"holds {coords.shape[0]} coordinates for the {raw.features.shape[0]} feature rows"
-    if raw.coords is not None and not np.array_equal(np.asarray(raw.coords, np.int64), coords.astype(np.int64)):
-        return "holds other coordinates than the feature file"
-    return None
-
-
-def _read_coords_file(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    try:
-        with h5py.File(path, "r") as f:
-            if "coords" not in f:
-                raise HistomilError(f"{path}: no 'coords' dataset; {_describe(f)}")
-            arr = np.asarray(f["coords"][()])
-            attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
-    except _READ_ERRORS as exc:
-        raise HistomilError(f"{path}: cannot read coordinates file ({_first_line(exc)})") from None
-    return _coords_matrix(path, arr, arr.shape[0] if arr.ndim == 2 else -1), attrs
-
-
-def _stamp_geometry(path: Path, raw: _Raw, mpp: float | None, attrs: dict[str, Any]) -> tuple[np.ndarray | None, int | None]:
-    """STAMP coordinates and tile size in level-0 pixels (None, with the reason in ``attrs``, without ``mpp``)."""
-    file_attrs = raw.attrs
-    if str(file_attrs.get("feat_type", "tile")) != "tile":
-        raise HistomilError(f"{path}: STAMP features of type {file_attrs['feat_type']!r}, not per-tile features")
-    for k in ("tile_size_um", "tile_size_px", "stamp_version"):
-        if k in file_attrs:
-            attrs[k] = file_attrs[k]
-    if "unit" in file_attrs:
-        unit = str(file_attrs["unit"]).lower()
-        if "tile_size_um" not in attrs and "tile_size" in file_attrs:  # STAMP 2.0 called it tile_size
-            attrs["tile_size_um"] = file_attrs["tile_size"]
-        if unit in ("px", "pixel", "pixels"):
-            return raw.coords, None if "tile_size_um" not in attrs or mpp is None else round(float(attrs["tile_size_um"]) / mpp)
-        if unit not in ("um", "micron", "microns", "µm"):
-            raise HistomilError(f"{path}: STAMP coordinate unit {unit!r} is unknown (expected 'um' or 'px')")
-        um = None if raw.coords is None else raw.coords.astype(np.float64)
-        attrs["stamp_layout"] = "v2"
-    else:  # STAMP v1: pixels of 224-px tiles that cover 256 µm
-        tile_px = float(file_attrs.get("tile_size_px", STAMP_V1_TILE_PX))
-        tile_um = float(file_attrs.get("tile_size_um", file_attrs.get("tile_size", STAMP_V1_TILE_UM)))
-        attrs["stamp_layout"] = "v1"
-        attrs.setdefault("tile_size_um", tile_um)
-        um = None
-        if raw.coords is not None:
-            stride = _grid_stride(raw.coords)
-            if stride is not None and abs(stride - tile_px) > 1:
-                attrs["coords_missing"] = (f"STAMP v1 file (no 'unit') whose coordinates step by {stride:g}, not by its "
-                                           f"{tile_px:g}-px tiles: their unit is unknown")
-                return None, None
-            um = raw.coords.astype(np.float64) * (tile_um / tile_px)
-    if mpp is None:
-        if um is not None:
-            attrs["coords_missing"] = "STAMP coordinates are micrometres; give the slide's micrometres per pixel (--mpp)"
-        attrs["tile_size_missing"] = "STAMP tile sizes are micrometres; give the slide's micrometres per pixel (--mpp)"
-        return None, None
-    size = round(float(attrs["tile_size_um"]) / mpp) if "tile_size_um" in attrs else None
-    return (None if um is None else um / mpp), size
-
-
-def _grid_stride(coords: np.ndarray) -> float | None:
-    """The smallest positive step between distinct x (or y) coordinates; None for a single column/row."""
-    steps = [np.diff(np.unique(coords[:, i].astype(np.float64))) for i in (0, 1)]
-    steps = [s[s > 1e-6] for s in steps if s.size]
-    return float(min(s.min() for s in steps if s.size)) if any(s.size for s in steps) else None
-
-
-def require_geometry(bag: FeatureBag) -> tuple[np.ndarray, int]:
-    """``(coords, tile size)`` in level-0 pixels for drawing a bag on its slide, or one line naming
-    the file and the missing fact (what to pass to supply it)."""
-    where = bag.attrs.get("source_file", f"bag {bag.bag_id}")
-    if bag.coords is None:
-        why = bag.attrs.get("coords_missing", "the file stores no tile coordinates")
-        raise HistomilError(f"{where}: no level-0 coordinates: {why}")
-    size = bag.attrs.get("patch_size_level0")
-    if size is None:
-        why = bag.attrs.get("tile_size_missing", "the file records no tile size")
-        raise HistomilError(f"{where}: no level-0 tile size: {why}")
-    return bag.coords, int(size)
 
 
 # ------------------------------------------------------------------------------------ folders
@@ -573,7 +418,7 @@ def load_features_folder(
             where = csv_path if csv_path is not None else f"{folder} (no labels.csv; pass a labels CSV with case,y_true)"
             few = ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
             raise HistomilError(f"{where}: {len(unlabelled)} feature file(s) have no label: {few}")
-    _check_consistent(bags, files[0].parent)
+    _check_consistent(bags)
     return bags
 
 
@@ -583,15 +428,19 @@ def load_feature_dataset(folder: str | Path, require_labels: bool = False, **opt
     return load_features_folder(folder, require_labels=require_labels, **options)
 
 
-def _check_consistent(bags: list[FeatureBag], where: Path) -> None:
-    dims = {b.features.shape[1] for b in bags}
-    if len(dims) > 1:
-        first = bags[0]
-        odd = next(b for b in bags if b.features.shape[1] != first.features.shape[1])
+def _check_consistent(bags: list[FeatureBag]) -> None:
+    """One feature dimension and one encoder (canonical name) across a folder; the odd file is named."""
+    first = bags[0]
+    odd = next((b for b in bags if b.features.shape[1] != first.features.shape[1]), None)
+    if odd is not None:
         raise HistomilError(
-            f"{where}: feature dimensions differ ({first.bag_id}: {first.features.shape[1]}, "
-            f"{odd.bag_id}: {odd.features.shape[1]}); features from different encoders cannot be mixed"
+            f"{odd.attrs['source_file']}: {odd.features.shape[1]}-d features, but {first.attrs['source_file']} has "
+            f"{first.features.shape[1]}-d; features from different encoders cannot be mixed"
         )
-    encoders = {str(b.attrs["encoder_canonical"]) for b in bags if b.attrs.get("encoder_canonical")}
-    if len(encoders) > 1:
-        raise HistomilError(f"{where}: files from different encoders ({', '.join(sorted(encoders))}) cannot be mixed")
+    named = [b for b in bags if b.attrs.get("encoder_canonical")]
+    odd = next((b for b in named if b.attrs["encoder_canonical"] != named[0].attrs["encoder_canonical"]), None)
+    if odd is not None:
+        raise HistomilError(
+            f"{odd.attrs['source_file']}: features of encoder {odd.attrs['encoder']!r}, but {named[0].attrs['source_file']} "
+            f"has {named[0].attrs['encoder']!r}; files from different encoders cannot be mixed"
+        )

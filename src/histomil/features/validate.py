@@ -28,32 +28,11 @@ from typing import Any
 import numpy as np
 
 from histomil.errors import HistomilError
+from histomil.features.presets import ENCODER_ALIASES
 from histomil.features.store import FeatureBag
 
 #: canonical encoder name -> the names CLAM, TRIDENT, STAMP and histomil give it (compared after
-#: :func:`_normalise`: lower case, '-' and ' ' as '_').
-ENCODER_ALIASES: dict[str, tuple[str, ...]] = {
-    "uni_v1": ("uni", "uni_v1", "uni1", "mahmood_uni", "uni_v1_0"),
-    "uni_v2": ("uni2", "uni_v2", "uni_2", "uni2_h", "mahmood_uni2"),
-    "conch_v1": ("conch", "conch_v1", "conch1", "mahmood_conch"),
-    "conch_v15": ("conch_v15", "conch_v1_5", "conch1_5", "mahmood_conch1_5"),
-    "ctranspath": ("ctranspath", "xiyuewang_ctranspath", "ctp"),
-    "chief_ctranspath": ("chief_ctranspath", "chief"),
-    "virchow": ("virchow", "virchow1", "virchow_v1", "paige_virchow"),
-    "virchow2": ("virchow2", "virchow_v2", "paige_virchow2"),
-    "gigapath": ("gigapath", "prov_gigapath", "provgigapath"),
-    "h_optimus_0": ("h_optimus_0", "hoptimus0", "h_optimus0", "bioptimus_h_optimus_0"),
-    "h_optimus_1": ("h_optimus_1", "hoptimus1", "h_optimus1"),
-    "phikon": ("phikon", "phikon_v1", "owkin_phikon"),
-    "phikon_v2": ("phikon_v2", "phikon2", "owkin_phikon_v2"),
-    "musk": ("musk",),
-    "hibou_l": ("hibou_l",),
-    "hibou_b": ("hibou_b",),
-    "kaiko_vitb8": ("kaiko_vitb8", "kaiko_vit_b8"),
-    "lunit_vits8": ("lunit_vits8", "lunit_dino_vits8"),
-    "resnet50_trunc": ("resnet50_trunc", "resnet50", "resnet50_imagenet", "resnet50_trunc_imagenet"),
-    "efficientnet_lite0": ("efficientnet_lite0", "efficientnet_lite_0"),
-}
+#: :func:`_normalise`); one table for the whole package, kept with the encoder presets.
 _CANONICAL: dict[str, str] = {alias: name for name, aliases in ENCODER_ALIASES.items() for alias in aliases}
 #: STAMP v1 appends an 8-hex code hash to the extractor name (``mahmood-uni-56ef09b4``).
 _HASH_SUFFIX = re.compile(r"_[0-9a-f]{8}$")
@@ -218,3 +197,30 @@ def check_bags_for_model(
 
 def _count(bags: Sequence[FeatureBag]) -> str:
     return "1 feature file" if len(bags) == 1 else f"{len(bags)} feature files"
+
+
+#: feature-file attributes a trained model records as its ``encoder_info`` (``encoder`` becomes ``name``).
+ENCODER_INFO_KEYS = ("encoder", "encoder_canonical", "input_size", "mean", "std", "feature_dim", "precision",
+                     "source_tool", "stored_dtype", "weights", "resize", "interpolation")
+
+
+def training_encoder_info(bags: Sequence[FeatureBag]) -> dict[str, Any] | None:
+    """The encoder description a model trained on ``bags`` records (None when no file names one).
+
+    Bags from different encoders (compared by canonical name) are refused with one line naming a
+    file of each; bags that name none are assumed to share the others' encoder.
+    """
+    named = [b for b in bags if bag_encoder(b)]
+    if not named:
+        return None
+    first = named[0]
+    odd = next((b for b in named if bag_encoder(b) != bag_encoder(first)), None)
+    if odd is not None:
+        raise HistomilError(
+            f"{bag_path(odd)}: features of encoder {odd.attrs.get('encoder')!r}, but {bag_path(first)} has "
+            f"{first.attrs.get('encoder')!r}; train on features of one encoder"
+        )
+    info = {k: first.attrs[k] for k in ENCODER_INFO_KEYS if k in first.attrs}
+    info["name"] = str(info.pop("encoder"))
+    info["encoder_canonical"] = bag_encoder(first)
+    return info

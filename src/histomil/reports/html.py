@@ -431,7 +431,8 @@ class _Models:
 
 def build_gallery(bag: BagRef, models: _Models, max_tiles: int = 40) -> Gallery:
     """Tiles of one bag sorted by the model's attention (highest first), with thumbnails and truth."""
-    from histomil.features.store import read_feature_bag
+    from histomil.features.formats import load_any_features
+    from histomil.features.validate import check_feature_bag, model_inputs
     from histomil.training.common import torch_threads
     from histomil.training.trainer import predict
 
@@ -444,7 +445,9 @@ def build_gallery(bag: BagRef, models: _Models, max_tiles: int = 40) -> Gallery:
         gal.note = f"no gallery: {bag.model_path} is an end-to-end ({meta.get('kind')}) model, not one on tile features"
         return gal
     if bag.feature_file is not None and bag.feature_file.is_file():
-        fb = read_feature_bag(bag.feature_file)
+        fb = load_any_features(bag.feature_file)
+        want = model_inputs(meta)
+        check_feature_bag(fb, dim=want.dim, encoder=want.encoder)
         feats, paths = fb.features, fb.tile_paths
     else:
         got = _features_from_cache(bag, (meta.get("encoder_info") or {}).get("name"))

@@ -55,6 +55,7 @@ from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
+from histomil.features.extract import tile_digests
 from histomil.hardware import resolve_precision
 from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
@@ -540,12 +541,14 @@ def _check_bags(train_bags: Sequence[Bag], val_bags: Sequence[Bag], config: Pixe
 
 
 def _fingerprint(train_bags: Sequence[Bag], val_bags: Sequence[Bag]) -> str:
-    """Identifies the data of a run (ids, labels, tile file names, order), to refuse resuming on other data."""
+    """Identifies the data of a run (ids, labels, tile file names and contents, order), so a resumed run
+    on changed tiles starts afresh instead of mixing."""
+    digests = tile_digests([Path(p) for b in [*train_bags, *val_bags] for p in b.tile_paths])
     h = hashlib.sha256()
     for split, bags in (("train", train_bags), ("val", val_bags)):
         for b in bags:
-            names = "|".join(Path(p).name for p in b.tile_paths)
-            h.update(f"{split}|{b.bag_id}|{b.label}|{len(b.tile_paths)}|{names}\n".encode())
+            tiles = "|".join(f"{Path(p).name}:{digests[str(p)]}" for p in b.tile_paths)
+            h.update(f"{split}|{b.bag_id}|{b.label}|{len(b.tile_paths)}|{tiles}\n".encode())
     return h.hexdigest()
 
 
