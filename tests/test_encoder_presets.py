@@ -339,3 +339,40 @@ def test_slide_features_are_redone_when_the_weights_change(
     assert second.attrs["weights"] != first.attrs["weights"]
     np.testing.assert_array_equal(second.features, read_feature_bag(fresh / f"{slide.stem}.h5").features)
     assert not np.allclose(second.features, first.features)
+
+
+def test_model_remembers_its_weights_and_predict_refuses_others(
+    weight_files: dict[str, Path], bag_root: Path, tmp_path: Path
+) -> None:
+    """train records the weights identity of its features; predict on images re-extracts with --weights
+    and refuses another weights file of the same architecture in one line (features would mean nothing)."""
+    feats = tmp_path / "feats"
+    common = ("--encoder", f"timm:{TINY}", "--precision", "fp32", "--runtime", "torch", "--workers", "0")
+    assert invoke("features", "extract", bag_root, feats, *common, "--weights", weight_files["pth"]).exit_code == 0
+    r = invoke("train", feats, "--val", feats, "--out", tmp_path / "run", "--epochs", "2", "--min-epochs", "1")
+    assert r.exit_code == 0, r.output
+    meta = torch.load(tmp_path / "run" / "model.pt", map_location="cpu", weights_only=False)
+    info = meta.get("encoder_info") or meta.get("meta", {}).get("encoder_info")
+    assert info["weights"] == read_feature_bag(next(feats.glob("*.h5"))).attrs["weights"]
+    ok = invoke("predict", tmp_path / "run" / "model.pt", bag_root, "--out", tmp_path / "p.csv", "--precision", "fp32",
+                "--weights", weight_files["pth"])
+    assert ok.exit_code == 0, ok.output
+    torch.manual_seed(7)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
+    bad = invoke("predict", tmp_path / "run" / "model.pt", bag_root, "--out", tmp_path / "q.csv", "--precision", "fp32",
+                 "--weights", other)
+    assert bad.exit_code == 2 and bad.output.count("error:") == 1 and "weights" in bad.output, bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_slide_prediction_refuses_an_encoder_with_other_weights() -> None:
+    from types import SimpleNamespace
+
+    from histomil.slides.heatmap import check_encoder
+
+    info = EncoderInfo(f"timm:{TINY}", 224, (0.5,) * 3, (0.5,) * 3, 192, resize=248, interpolation="bicubic", weights="sha256:b")
+    meta = {"in_dim": 192, "encoder_info": {"name": f"timm:{TINY}", "input_size": 224, "weights": "sha256:a"}}
+    with pytest.raises(HistomilError, match="weights sha256:a"):
+        check_encoder("model.pt", meta, SimpleNamespace(info=info))
+    check_encoder("model.pt", {**meta, "encoder_info": {**meta["encoder_info"], "weights": "sha256:b"}}, SimpleNamespace(info=info))

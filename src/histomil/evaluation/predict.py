@@ -35,20 +35,27 @@ def features_for_source(
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     precision: str = "auto",
+    weights: str | Path | None = None,
 ) -> Path:
     """A feature folder for ``source``: itself if it holds feature files, else extracted into ``work_dir``
     with the model's encoder in ``precision`` (``auto``: bf16 where this machine computes it natively).
 
     Extracted features go to ``work_dir/features/<content key>`` (:func:`source_content_key`), so
     another folder whose bag ids repeat never reuses these files; the tile cache beside it is keyed by
-    tile bytes, so extracting a folder again costs no encoding for the tiles it has seen."""
+    tile bytes, so extracting a folder again costs no encoding for the tiles it has seen. ``weights``: the
+    encoder's weights file (timm/preset encoders; default the local Hugging Face cache); weights other
+    than those the model's features were made with are refused."""
     if is_feature_source(source):
         return source
     bags = load_bags(source, require_labels=False, on_bad_tile=on_bad_tile, log=log)
     name = encoder_info.get("name")
     if not name:
         raise HistomilError(f"{source}: the model does not record its encoder; pass a feature folder instead")
-    encoder = build_encoder(name, precision=precision, channels_last=True)
+    encoder = build_encoder(name, precision=precision, channels_last=True, weights=weights)
+    trained = encoder_info.get("weights")
+    if trained and encoder.info.weights != trained:
+        raise HistomilError(f"{source}: the model was trained on features of {name} with weights {trained}, this encoder "
+                            f"has {encoder.info.weights}; pass the weights file it was trained with (--weights)")
     feat_dir = work_dir / "features" / source_content_key(bags, encoder.feature_attrs(), progress)
     _remove_other_sources(feat_dir.parent, keep=feat_dir.name)
     cache = FeatureCache.for_encoder(work_dir / "cache", encoder)
@@ -98,6 +105,7 @@ def predict_source(
     slide_mpp: float | None = None,
     coords_dir: str | Path | None = None,
     allow_encoder_mismatch: bool = False,
+    weights: str | Path | None = None,
 ) -> list[dict]:
     """Write one CSV row per bag: probability, predicted class and its highest-attention tiles.
 
@@ -118,7 +126,7 @@ def predict_source(
     out_csv = Path(out_csv)
     feat_dir = features_for_source(
         Path(source), meta.get("encoder_info") or {}, out_csv.parent / f".{out_csv.stem}-work", on_bad_tile, log, progress,
-        precision,
+        precision, weights,
     )
     bags = read_feature_source(feat_dir, slide_mpp=slide_mpp, coords_dir=coords_dir)
     check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=source)
