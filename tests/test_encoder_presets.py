@@ -237,8 +237,14 @@ def test_weights_found_in_the_hf_cache_record_repo_and_commit(
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     enc = build_encoder(f"timm:{TINY}", precision="fp32")
     assert enc.info.weights == f"hf:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k@{commit}/model.safetensors"
+    uni = cache / "models--MahmoodLab--UNI" / "snapshots" / commit  # listing only looks for the file
+    uni.mkdir(parents=True)
+    (uni / "pytorch_model.bin").write_bytes(b"x")
     r = invoke("encoders")
     assert r.exit_code == 0, r.output
+    rows = {ln.split()[0]: ln for ln in r.output.splitlines()}
+    assert f"found (hf:MahmoodLab/UNI@{commit}/pytorch_model.bin)" in rows["uni_v1"]
+    assert "absent (MahmoodLab/UNI2-h)" in rows["uni_v2"]
 
 
 @pytest.mark.parametrize(("make", "expected"), [

@@ -106,6 +106,7 @@ register_preset(Preset(
     unbuildable="its image tower is CONCH's own ViT-L/16 with an attentional pooler (768-d), not a timm "
                 "architecture; extract with TRIDENT (conch_v15) and give histomil those feature files",
     notes="CONCH's ViT-L/16 + attentional pooler",
+    extra={"unverified": "mean/std (ImageNet assumed; not built here, so never used)"},
 ))
 register_preset(Preset(
     name="virchow", title="Virchow", hf_repo="paige-ai/Virchow", arch="vit_huge_patch14_224",
@@ -139,7 +140,7 @@ register_preset(Preset(
     timm_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
                  "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0, "dynamic_img_size": True},
     input_size=224, resize=256, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    embedding="cls", dim=1536, prefix_tokens=1, licence="Apache-2.0", gated=True,
+    embedding="cls", dim=1536, prefix_tokens=1, licence="Apache-2.0 (access form: research use)", gated=True,
     aliases=("gigapath", "prov_gigapath", "provgigapath"),
 ))
 register_preset(Preset(
@@ -153,7 +154,7 @@ register_preset(Preset(
     name="h_optimus_1", title="H-optimus-1", hf_repo="bioptimus/H-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
     timm_kwargs={"num_classes": 0, "img_size": 224, "global_pool": "token", "init_values": 1e-5, "dynamic_img_size": True},
     input_size=224, resize=224, interpolation="bilinear", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-    embedding="cls", dim=1536, prefix_tokens=5, licence="Bioptimus terms (see model card)", gated=True,
+    embedding="cls", dim=1536, prefix_tokens=5, licence=_NON_COMMERCIAL, gated=True,
     aliases=("h_optimus_1", "hoptimus1", "h_optimus1"),
 ))
 
@@ -186,13 +187,14 @@ ENCODER_ALIASES: dict[str, tuple[str, ...]] = encoder_aliases()
 
 
 def preset_table_markdown() -> str:
-    """The presets as a markdown table (name, HF repo, architecture, dim, input, embedding, licence, gated)."""
-    rows = ["| name | Hugging Face repo | architecture (timm) | dim | input | embedding | licence | gated |",
-            "| --- | --- | --- | ---: | --- | --- | --- | --- |"]
+    """The presets as a markdown table (name, HF repo, architecture, dim, input, embedding, licence, gated,
+    the other tools' names) for the README."""
+    rows = ["| name | Hugging Face repo | architecture (timm) | dim | input | embedding | licence | gated | also read as |",
+            "| --- | --- | --- | ---: | --- | --- | --- | --- | --- |"]
     for p in PRESETS.values():
         arch = f"`{p.arch}`" if p.arch else f"not timm ({p.notes or 'see unbuildable'})"
         crop = f"resize {p.resize} {p.interpolation}, crop {p.input_size}" if p.resize != p.input_size \
             else f"resize {p.input_size} {p.interpolation}"
         rows.append(f"| `{p.name}` ({p.title}) | {p.hf_repo} | {arch} | {p.dim} | {crop} | {p.embedding} | "
-                    f"{p.licence} | {'yes' if p.gated else 'no'} |")
+                    f"{p.licence} | {'yes' if p.gated else 'no'} | {', '.join(a for a in p.aliases if a != p.name)} |")
     return "\n".join(rows)
