@@ -8,22 +8,38 @@ Every user error is printed as one ``error:`` line and exits with status 2.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from histomil.config import parse_overrides, read_mapping, validate
+from histomil.config import check_range, parse_overrides, read_mapping, validate, validate_options
 from histomil.errors import HistomilError
 from histomil.hardware import PRECISIONS
 from histomil.ui import log as _log
-from histomil.ui import progress_bars, user_errors
+from histomil.ui import progress_bars, show_result, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Multiple instance learning for histology.")
 bags_app = typer.Typer(no_args_is_help=True, help="Compose and check bag datasets.")
 features_app = typer.Typer(no_args_is_help=True, help="Extract tile features into per-bag HDF5 files.")
 app.add_typer(bags_app, name="bags")
 app.add_typer(features_app, name="features")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from histomil import __version__
+
+        typer.echo(f"histomil {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Multiple instance learning for histology."""
 
 
 def _witnesses(text: str) -> tuple[int, int]:
@@ -85,8 +101,8 @@ def bags_make(
     table = read_tile_table(tile_table, path_col, label_col, patient_col, split_col)
     with progress_bars() as progress:
         study = compose_study(table, spec, out, progress=lambda s, d, t: progress(f"composing {s}", d, t), overwrite=overwrite)
-    _log(format_counts(study))
-    _log(f"study written to {out}")
+    show_result(format_counts(study))
+    show_result(f"study written to {out}")
 
 
 @bags_app.command("check")
@@ -105,8 +121,8 @@ def bags_check(
         good = check_bags(bags, on_bad_tile=on_bad_tile, log=_log, progress=lambda d, t: progress("checking tiles", d, t))
     n_tiles = sum(len(b.tile_paths) for b in good)
     labels_seen = [b.label for b in good if b.label is not None]
-    _log(f"{len(good)} bags, {n_tiles} readable tiles, {sum(labels_seen)} positive / "
-         f"{len(labels_seen) - sum(labels_seen)} negative")
+    show_result(f"{len(good)} bags, {n_tiles} readable tiles, {sum(labels_seen)} positive / "
+                f"{len(labels_seen) - sum(labels_seen)} negative")
 
 
 @features_app.command("extract")
@@ -136,13 +152,17 @@ def features_extract(
         raise HistomilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if runtime not in RUNTIMES:
         raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    cfg = validate_options(FeatureConfig, dict(encoder=encoder, precision=precision, runtime=runtime, batch_size=batch_size,
+                                                workers=workers, on_bad_tile=on_bad_tile))  # before any work
     with progress_bars() as progress:
         if (source / "study.json").is_file():
-            cfg = FeatureConfig(encoder=encoder, precision=precision, runtime=runtime, batch_size=batch_size, workers=workers,
-                                on_bad_tile=on_bad_tile)
             summaries = extract_study(source, out, cfg, cache, log=_log, progress=progress)
         else:
             bags = load_bags(source, labels, require_labels=False, on_bad_tile=on_bad_tile, log=_log)
+            unlabelled = sum(b.label is None for b in bags)
+            if unlabelled:  # fine for predict; train and evaluate would refuse them only later
+                warnings.warn(f"{source}: {unlabelled} of {len(bags)} bags have no label (not in a labels CSV); "
+                              "their feature files can be predicted on, not trained or evaluated on", stacklevel=1)
             enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
             fc = FeatureCache.for_encoder(cache or out / "cache", enc)
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
@@ -151,17 +171,18 @@ def features_extract(
     for name, s in summaries.items():
         changed = f", {s.n_changed} redone as their tiles or settings changed" if s.n_changed else ""
         relabelled = f", {s.n_relabelled} relabelled" if s.n_relabelled else ""
-        _log(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done{changed}{relabelled}), "
-             f"{s.n_unique_tiles} distinct tiles, {s.n_encoded} encoded, {len(s.bad_tiles)} bad tiles skipped")
+        show_result(f"{name}: {s.n_bags} bags ({s.n_written} written, {s.n_skipped_existing} already done{changed}{relabelled}), "
+                    f"{s.n_unique_tiles} distinct tiles, {s.n_encoded} encoded, {len(s.bad_tiles)} bad tiles skipped")
 
 
 def _train_config(config: Path | None, **options: object):
     """A TrainConfig from an optional YAML/JSON file, overridden by the command-line options given."""
     from histomil.training.trainer import TrainConfig
 
-    raw = read_mapping(config) if config is not None else {}
-    raw.update({key: value for key, value in options.items() if value is not None})
-    return validate(TrainConfig, raw, str(config or "training options"))
+    given = {key: value for key, value in options.items() if value is not None}
+    if config is None:
+        return validate_options(TrainConfig, given)
+    return validate(TrainConfig, {**read_mapping(config), **given}, str(config))
 
 
 @app.command("train")
@@ -196,7 +217,7 @@ def train_cmd(
     with progress_bars() as progress:
         result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
                        on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
-    _log(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
+    show_result(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
 
 
 @app.command("evaluate")
@@ -214,14 +235,15 @@ def evaluate_cmd(
     from histomil.evaluation.evaluate import evaluate_sets
     from histomil.reports.tables import metrics_markdown
 
+    check_range("--threshold", threshold, 0, 1)
     names = [p.name for p in test_sets]
     if len(set(names)) != len(names):
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
         results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
                                 allow_encoder_mismatch=allow_encoder_mismatch)
-    _log(metrics_markdown(results))
-    _log(f"written to {out}")
+    show_result(metrics_markdown(results))
+    show_result(f"written to {out}")
 
 
 @app.command("predict")
@@ -247,6 +269,8 @@ def predict_cmd(
     from histomil.evaluation.predict import predict_source
     from histomil.slides.features import is_slide_source
 
+    check_range("--threshold", threshold, 0, 1)
+    check_range("--top-k", top_k, 0)
     if is_slide_source(source):
         from histomil.commands.slides import predict_slides_cmd
 
@@ -258,7 +282,7 @@ def predict_cmd(
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress, precision,
                               slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch)
     n_pos = sum(r["predicted_class"] for r in rows)
-    _log(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
+    show_result(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
 
 
 @app.command("ensemble")
@@ -275,7 +299,7 @@ def ensemble_cmd(
     from histomil.training.checkpoint import combine_checkpoints
 
     combine_checkpoints(list(models), out)
-    _log(f"ensemble of {len(models)} models written to {out}")
+    show_result(f"ensemble of {len(models)} models written to {out}")
 
 
 @app.command("compare")
@@ -293,6 +317,7 @@ def compare_cmd(
     """Train and evaluate several models on the same study and seeds; one table of accuracy and AUC."""
     from histomil.evaluation.compare import compare_markdown, compare_models
 
+    check_range("--threshold", threshold, 0, 1)
     base = _train_config(config, epochs=epochs, batch_size=batch_size)
     model_list = [m.strip() for m in models.split(",") if m.strip()]
     from histomil.models.registry import model_names
@@ -307,8 +332,8 @@ def compare_cmd(
     with progress_bars() as progress:
         summary = compare_models(features, model_list, seed_list, out, base, threshold, _log, progress)
     tests = list(next(iter(summary.values())))
-    _log(compare_markdown(summary, tests, len(seed_list)))
-    _log(f"written to {out / 'compare.md'}")
+    show_result(compare_markdown(summary, tests, len(seed_list)))
+    show_result(f"written to {out / 'compare.md'}")
 
 
 @app.command("run")
@@ -331,10 +356,10 @@ def _run_and_print(cfg, out: Path) -> None:
 
     with progress_bars() as progress:
         results = run_study(cfg, out, log=_log, progress=progress)
-    _log(metrics_markdown(results))
+    show_result(metrics_markdown(results))
     timings = json.loads((out / "timings.json").read_text())
-    _log("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    _log(f"results in {out / 'evaluation'}")
+    show_result("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    show_result(f"results in {out / 'evaluation'}")
 
 
 @app.command("demo")

@@ -14,10 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from histomil import config
-from histomil.config import changed_settings
+from histomil.config import changed_keys
 from histomil.data.bags import load_bag_folders
 from histomil.data.compose import (
     StudySpec,
@@ -30,7 +30,7 @@ from histomil.data.compose import (
 from histomil.errors import HistomilError
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.cache import FeatureCache
-from histomil.features.encoders import build_encoder
+from histomil.features.encoders import build_encoder, check_encoder_name
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features.runtimes import with_runtime
 from histomil.features.store import exclusive_output, load_feature_dataset, remove_temp_leftovers
@@ -62,9 +62,14 @@ class FeatureConfig(_Strict):
     # auto: OpenVINO for fp32 on the CPU when installed (histomil[cpu]), torch otherwise (histomil.features.runtimes)
     runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     channels_last: bool = True
-    batch_size: int = 64
-    workers: int = 1
+    batch_size: int = Field(64, ge=1)
+    workers: int = Field(1, ge=0)  # decoding threads; 0 decodes in the main thread
     on_bad_tile: Literal["error", "skip"] = "error"
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        return check_encoder_name(name)  # when the config is read, not after bags are composed
 
 
 class StudyRunConfig(_Strict):
@@ -82,6 +87,24 @@ class StudyRunConfig(_Strict):
     # mean of their probabilities (a seed ensemble), which removes the single-seed knife edge on new
     # patients at that many times the training time (README, "Why the training defaults are what they are")
     ensemble_seeds: int = Field(1, ge=1, le=20)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_in_range(cls, value: float | ThresholdConfig) -> float | ThresholdConfig:
+        if isinstance(value, float) and not 0.0 <= value <= 1.0:
+            raise ValueError(f"a fixed threshold must lie in [0, 1], got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_bag_counts(self) -> StudyRunConfig:
+        # 0 bags of a split makes a study that composes and extracts, then fails in training or evaluation
+        for key, least in (("train_bags", 1), ("val_bags", 2), ("test_bags", 1)):
+            if getattr(self.study, key) < least:
+                raise ValueError(f"study.{key} must be at least {least} for a run, got {getattr(self.study, key)}"
+                                 + (" (the threshold and early stopping need validation bags)" if key == "val_bags" else ""))
+        if not self.study.test_witnesses:
+            raise ValueError("study.test_witnesses must list at least one W: each is a test set")
+        return self
 
     def threshold_rule(self) -> ThresholdConfig:
         """``threshold`` as a rule (a plain number is the fixed rule)."""
@@ -162,13 +185,12 @@ def check_resume(out_dir: Path, cfg: StudyRunConfig) -> None:
     if not path.exists():
         return
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(old, dict):
-            raise ValueError("not a mapping")
+        old = StudyRunConfig.model_validate_json(path.read_text(encoding="utf-8"))  # defaults of newer keys filled in
     except (OSError, ValueError) as exc:
-        raise HistomilError(f"{path}: not a readable run config ({exc}); use another --out") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HistomilError(f"{path}: not a readable run config ({first}); use another --out") from None
     now = json.loads(cfg.model_dump_json())
-    changed = [".".join(k) for k in changed_settings(StudyRunConfig, old, now) if k[:2] not in RESUMABLE_SETTINGS]
+    changed = [".".join(k) for k in changed_keys(json.loads(old.model_dump_json()), now) if k[:2] not in RESUMABLE_SETTINGS]
     if changed:
         raise HistomilError(
             f"{out_dir}: was made with a different config ({', '.join(changed)} changed);"

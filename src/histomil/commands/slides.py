@@ -14,9 +14,10 @@ from typing import Annotated
 
 import typer
 
+from histomil.config import check_range
 from histomil.errors import HistomilError
 from histomil.hardware import PRECISIONS
-from histomil.ui import log, progress_bars, user_errors
+from histomil.ui import log, progress_bars, show_result, user_errors
 
 # ---------------------------------------------------------------------------- shared options
 
@@ -73,6 +74,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise HistomilError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
+def _check_batching(batch_size: int, workers: int) -> None:
+    check_range("--batch-size", batch_size, 1)
+    check_range("--workers", workers, 0)
+
+
 # ---------------------------------------------------------------------------------- commands
 
 
@@ -99,8 +105,8 @@ def tile_cmd(
     with progress_bars() as progress:
         summary = tile_slides(paths, out, spec, save_images=save_images, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
                               log=log, progress=progress)
-    log(f"{len(summary.written)} slides tiled ({sum(summary.n_tiles.values())} tiles), "
-        f"{len(summary.skipped)} skipped; written to {out}")
+    show_result(f"{len(summary.written)} slides tiled ({sum(summary.n_tiles.values())} tiles), "
+                f"{len(summary.skipped)} skipped; written to {out}")
 
 
 @user_errors
@@ -130,6 +136,7 @@ def slide_features_cmd(
     _check_choice("--precision", precision, PRECISIONS)
     _check_choice("--runtime", runtime, RUNTIMES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
     with progress_bars() as progress:
@@ -138,8 +145,8 @@ def slide_features_cmd(
                                    overwrite=overwrite, log=log, progress=progress)
     n = sum(s.n_tiles.values())
     rate = f", {n / s.seconds:.0f} tiles/s" if s.written and s.seconds > 0 else ""
-    log(f"{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
-        f"{len(s.skipped)} skipped; written to {out}")
+    show_result(f"{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
+                f"{len(s.skipped)} skipped; written to {out}")
 
 
 @user_errors
@@ -166,14 +173,15 @@ def heatmap_cmd(
     _check_choice("--precision", precision, PRECISIONS)
     if slide.is_dir():
         raise HistomilError(f"{slide}: is a folder; heatmap takes one slide file (use 'histomil predict' for a folder)")
+    _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     with progress_bars() as progress:
         rows = predict_slides(model, [slide], out, spec, coords_dir=coords, scale=scale,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, log=log,
                               progress=progress)
     row = rows[0]
-    log(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
-        f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
+    show_result(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
+                f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
 
 
 @user_errors
@@ -207,6 +215,9 @@ def predict_slides_cmd(
     _check_choice("--scale", scale, SCALES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     _check_choice("--precision", precision, PRECISIONS)
+    _check_batching(batch_size, workers)
+    check_range("--threshold", threshold, 0, 1)
+    check_range("--top-k", top_k, 0)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     out = Path(out)
     csv_path = None
@@ -219,5 +230,5 @@ def predict_slides_cmd(
                               log=log, progress=progress)
     done = [r for r in rows if r["predicted_class"] != ""]
     n_pos = sum(int(r["predicted_class"]) == 1 for r in done)
-    log(f"{len(done)} slides predicted ({n_pos} positive), {len(rows) - len(done)} skipped; "
-        f"written to {csv_path or out / 'predictions.csv'}")
+    show_result(f"{len(done)} slides predicted ({n_pos} positive), {len(rows) - len(done)} skipped; "
+                f"written to {csv_path or out / 'predictions.csv'}")

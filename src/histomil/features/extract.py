@@ -237,7 +237,6 @@ def _write_bags(
     for p in all_paths:
         first_path.setdefault(digests[p], p)
     missing = cache.missing(digests[p] for p in all_paths)
-    summary.n_encoded = len(missing)
     bad_keys = set(
         encode_into_cache(
             [(k, first_path[k]) for k in missing], encoder, cache, batch_size, num_workers,
