@@ -240,6 +240,8 @@ def test_weights_found_in_the_hf_cache_record_repo_and_commit(
     uni = cache / "models--MahmoodLab--UNI" / "snapshots" / commit  # listing only looks for the file
     uni.mkdir(parents=True)
     (uni / "pytorch_model.bin").write_bytes(b"x")
+    (uni.parents[1] / "refs").mkdir()
+    (uni.parents[1] / "refs" / "main").write_text(commit)
     r = invoke("encoders")
     assert r.exit_code == 0, r.output
     rows = {ln.split()[0]: ln for ln in r.output.splitlines()}
