@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from histomil import config
-from histomil.config import changed_keys
+from histomil.config import changed_settings
 from histomil.data.bags import load_bag_folders
 from histomil.data.compose import (
     StudySpec,
@@ -185,12 +185,13 @@ def check_resume(out_dir: Path, cfg: StudyRunConfig) -> None:
     if not path.exists():
         return
     try:
-        old = StudyRunConfig.model_validate_json(path.read_text(encoding="utf-8"))  # defaults of newer keys filled in
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HistomilError(f"{path}: not a readable run config ({first}); use another --out") from None
+        raise HistomilError(f"{path}: not a readable run config ({exc}); use another --out") from None
     now = json.loads(cfg.model_dump_json())
-    changed = [".".join(k) for k in changed_keys(json.loads(old.model_dump_json()), now) if k[:2] not in RESUMABLE_SETTINGS]
+    changed = [".".join(k) for k in changed_settings(StudyRunConfig, old, now) if k[:2] not in RESUMABLE_SETTINGS]
     if changed:
         raise HistomilError(
             f"{out_dir}: was made with a different config ({', '.join(changed)} changed);"
