@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from histomil.data.bags import Bag
 from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
+from histomil.features.encoders import fit_tile
 from histomil.features.store import (
     FeatureBag,
     exclusive_output,
@@ -55,26 +57,29 @@ class ExtractionSummary:
     bad_tiles: list[str] = field(default_factory=list)
 
 
-def _decode(key: str, path: str, size: int) -> tuple[str, np.ndarray | None, str | None]:
-    """(key, RGB tile resized to ``size`` if needed, None) or (key, None, the error) for a bad tile."""
+def _decode(key: str, path: str, size: int, fit: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[str, np.ndarray | None, str | None]:
+    """(key, RGB tile resized to ``size`` (or made even by ``fit``) if needed, None) or (key, None, the error)."""
     try:
         rgb = read_rgb(path)
     except BadTileError as exc:
         return key, None, str(exc)
-    if rgb.shape[0] != size or rgb.shape[1] != size:
+    if fit is not None:
+        rgb = fit(rgb)
+    elif rgb.shape[0] != size or rgb.shape[1] != size:
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
     return key, rgb, None
 
 
 def decoded_batches(
-    items: Sequence[tuple[str, str]], size: int, batch_size: int, workers: int = 1
+    items: Sequence[tuple[str, str]], size: int, batch_size: int, workers: int = 1,
+    fit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
     """Batches of decoded ``(key, path)`` tiles, in order. With ``workers`` > 0, that many threads decode
     up to ``2 * workers`` batches ahead of the consumer; with 0, each batch is decoded when asked for."""
     items = list(items)
 
     def batch(start: int) -> list[tuple[str, np.ndarray | None, str | None]]:
-        return [_decode(k, p, size) for k, p in items[start : start + batch_size]]
+        return [_decode(k, p, size, fit) for k, p in items[start : start + batch_size]]
 
     starts = range(0, len(items), batch_size)
     if workers <= 0:
@@ -125,7 +130,7 @@ def encode_into_cache(
     pending_feats: list[np.ndarray] = []
     bad: list[str] = []
     done = 0
-    for batch in decoded_batches(items, info.input_size, batch_size, num_workers):
+    for batch in decoded_batches(items, info.input_size, batch_size, num_workers, fit=partial(fit_tile, info=info)):
         good = [(k, rgb) for k, rgb, err in batch if err is None]
         for key, _, err in batch:
             if err is not None:
