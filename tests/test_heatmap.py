@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from histomil.errors import HistomilError
 from histomil.features.encoders import EncoderInfo, TileEncoder
-from histomil.features.store import FeatureBag, read_feature_bag
+from histomil.features.store import read_feature_bag
 from histomil.models.registry import build_model
 from histomil.slides import TilingSpec
 from histomil.slides.heatmap import (
@@ -27,7 +27,6 @@ from histomil.slides.heatmap import (
     render_heatmap,
     scale_scores,
     score_canvas,
-    tile_extent_level0,
     tiles_geojson,
     write_geojson,
     write_slide_heatmap,
@@ -176,18 +175,6 @@ def test_geojson_tiles_in_level0_pixels(tmp_path: Path) -> None:
     assert props[1]["objectType"] == "tile" and props[1]["name"] == "512_0"
     assert props[1]["measurements"] == {"attention": 0.7, "attention percentile": 1.0}
     assert props[1]["classification"]["name"] == "attention 90-100%" and len(props[1]["classification"]["color"]) == 3
-
-
-def test_tile_extent_from_each_source() -> None:
-    f = np.zeros((3, 4), np.float32)
-    c = np.array([[0, 0], [448, 0], [0, 448]])
-    assert tile_extent_level0(FeatureBag("a", f, ["a"] * 3, coords=c, attrs={"patch_size_level0": 512})) == 512
-    assert tile_extent_level0(FeatureBag("a", f, ["a"] * 3, coords=c, attrs={"patch_size": 256, "patch_level": 1}),
-                              (1.0, 4.0)) == 1024
-    assert tile_extent_level0(FeatureBag("a", f, ["a"] * 3, coords=c, attrs={"tile_size_um": 256.0}), mpp=0.5) == 512
-    assert tile_extent_level0(FeatureBag("a", f, ["a"] * 3, coords=c)) == 448  # the grid step
-    with pytest.raises(HistomilError, match="how large a tile is"):
-        tile_extent_level0(FeatureBag("a", f, ["a"] * 3))
 
 
 def test_slide_heatmap_on_synthetic_slide(synth: Path, tmp_path: Path) -> None:

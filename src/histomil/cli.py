@@ -384,6 +384,7 @@ def _register_commands() -> None:
 
     app.command("tile")(slides.tile_cmd)
     features_app.command("slides")(slides.slide_features_cmd)
+    features_app.command("export")(slides.export_features_cmd)
     app.command("heatmap")(slides.heatmap_cmd)
     app.command("predict-slides")(slides.predict_slides_cmd)
     app.command("train-pixels")(pixels.train_pixels_cmd)

@@ -34,10 +34,36 @@ OnBadSlideOpt = Annotated[str, typer.Option("--on-bad-slide", help="'error' stop
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Tiles per encoder batch.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Tile-reading worker processes (reading overlaps encoding).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="Encoder precision: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16.")]
+WeightsOpt = Annotated[
+    Path | None,
+    typer.Option("--weights", help="Weights file (.safetensors, .pth, .bin) of a preset or timm: encoder (default: the local "
+                                   "Hugging Face cache)."),
+]
 ScaleOpt = Annotated[str, typer.Option("--scale", help="Heatmap colours: 'rank' (percentile among tiles) or 'linear'.")]
 CoordsOpt = Annotated[
     Path | None,
-    typer.Option("--coords", help="Folder of <slide>.h5 tile coordinates (histomil tile, CLAM or TRIDENT) to encode instead of tiling."),
+    typer.Option("--coords", help="Folder of tile coordinates (histomil tile or CLAM <slide>.h5, TRIDENT <slide>_patches.h5): "
+                                  "the tiles to encode instead of tiling, or, with --features, where tiles and tile size come from."),
+]
+FeaturesOpt = Annotated[
+    Path | None,
+    typer.Option("--features", help="Cached features instead of encoding: a feature file or a folder of <slide>.h5/.pt "
+                                    "(histomil, CLAM, TRIDENT or STAMP); no encoder is built."),
+]
+AllowMismatchOpt = Annotated[
+    bool,
+    typer.Option("--allow-encoder-mismatch", help="With --features: use features whose recorded encoder differs from the "
+                                                  "model's (only when you know they are interchangeable)."),
+]
+LayoutOpt = Annotated[
+    str,
+    typer.Option("--layout", help="File layout: histomil (self-describing), clam (h5_files/ pt_files/ patches/), "
+                                  "trident (features_<encoder>/ patches/) or stamp (float16 feats, coords in um)."),
+]
+TileSizeLevel0Opt = Annotated[
+    int | None,
+    typer.Option("--tile-size-level0", help="With --features: tile side in level-0 pixels, for files that do not record it "
+                                            "(CLAM h5_files) and no --coords."),
 ]
 
 
@@ -72,6 +98,19 @@ def tiling_spec(
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise HistomilError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def model_encoder(model: Path, weights: Path | None, precision: str) -> object | None:
+    """The checkpoint's encoder built with ``--weights`` (None without: predict_slides builds it itself)."""
+    if weights is None:
+        return None
+    from histomil.features.encoders import build_encoder
+    from histomil.training.checkpoint import load_checkpoint
+
+    name = (load_checkpoint(model)[1].get("encoder_info") or {}).get("name")
+    if not name:
+        raise HistomilError(f"{model}: the model does not record its encoder, so --weights has nothing to apply to")
+    return build_encoder(str(name), precision=precision, channels_last=True, weights=weights)
 
 
 def _check_batching(batch_size: int, workers: int) -> None:
@@ -113,7 +152,8 @@ def tile_cmd(
 def slide_features_cmd(
     slides: SlidesArg,
     out: Annotated[Path, typer.Option("--out", help="Output folder: one <slide>.h5 feature file per slide.")],
-    encoder: Annotated[str, typer.Option("--encoder", help="Tile encoder.")] = "efficientnet_lite0",
+    encoder: Annotated[str, typer.Option("--encoder", help="Tile encoder: efficientnet_lite0, a preset (uni_v2, virchow2, ...) or timm:<architecture>; 'histomil encoders' lists them.")] = "efficientnet_lite0",
+    weights: WeightsOpt = None,
     precision: PrecisionOpt = "auto",
     runtime: Annotated[str, typer.Option("--runtime", help="What runs the encoder: auto (OpenVINO for fp32 on the CPU when installed, else torch), torch, openvino or onnxruntime.")] = "auto",
     batch_size: BatchOpt = 64,
@@ -127,22 +167,29 @@ def slide_features_cmd(
     coords: CoordsOpt = None,
     on_bad_slide: OnBadSlideOpt = "error",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode slides whose feature file is complete.")] = False,
+    layout: LayoutOpt = "histomil",
 ) -> None:
-    """Encode tiles straight from the slides into one HDF5 per slide (CLAM/TRIDENT layout; resumable)."""
+    """Encode tiles straight from the slides into one HDF5 per slide (resumable); --layout also writes
+    them as CLAM, TRIDENT or STAMP write theirs (the histomil files then go to OUT/histomil)."""
     from histomil.features.encoders import build_encoder
+    from histomil.features.export import EXPORT_LAYOUTS, export_features
     from histomil.features.runtimes import RUNTIMES, with_runtime
     from histomil.slides.features import extract_slide_features
 
     _check_choice("--precision", precision, PRECISIONS)
     _check_choice("--runtime", runtime, RUNTIMES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
+    _check_choice("--layout", layout, ("histomil", *EXPORT_LAYOUTS))
     _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
-    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
+    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights), runtime)
+    own = out if layout == "histomil" else out / "histomil"
     with progress_bars() as progress:
-        s = extract_slide_features(slides, out, enc, spec, coords_dir=coords, batch_size=batch_size,
+        s = extract_slide_features(slides, own, enc, spec, coords_dir=coords, batch_size=batch_size,
                                    num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
                                    overwrite=overwrite, log=log, progress=progress)
+    if layout != "histomil" and s.files:
+        export_features(list(s.files.values()), out, layout, log=log)
     n = sum(s.n_tiles.values())
     rate = f", {n / s.seconds:.0f} tiles/s" if s.written and s.seconds > 0 else ""
     show_result(f"{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
@@ -162,11 +209,19 @@ def heatmap_cmd(
     slide_magnification: SlideMagOpt = None,
     min_tissue: MinTissueOpt = 0.5,
     coords: CoordsOpt = None,
+    features: FeaturesOpt = None,
+    tile_size_level0: TileSizeLevel0Opt = None,
+    allow_encoder_mismatch: AllowMismatchOpt = False,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
     precision: PrecisionOpt = "auto",
+    weights: WeightsOpt = None,
 ) -> None:
-    """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON)."""
+    """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON).
+
+    With --features the slide is not encoded: the features (any layout histomil reads) are predicted
+    and drawn where the tiler cut them.
+    """
     from histomil.slides.heatmap import SCALES, predict_slides
 
     _check_choice("--scale", scale, SCALES)
@@ -176,7 +231,10 @@ def heatmap_cmd(
     _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     with progress_bars() as progress:
-        rows = predict_slides(model, [slide], out, spec, coords_dir=coords, scale=scale,  # type: ignore[arg-type]
+        rows = predict_slides(model, [slide], out, spec, coords_dir=coords, features=features,
+                              encoder=model_encoder(model, weights, precision),
+                              tile_size_level0=tile_size_level0, allow_encoder_mismatch=allow_encoder_mismatch,
+                              scale=scale,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, log=log,
                               progress=progress)
     row = rows[0]
@@ -204,12 +262,16 @@ def predict_slides_cmd(
     slide_magnification: SlideMagOpt = None,
     min_tissue: MinTissueOpt = 0.5,
     coords: CoordsOpt = None,
+    features: FeaturesOpt = None,
+    tile_size_level0: TileSizeLevel0Opt = None,
+    allow_encoder_mismatch: AllowMismatchOpt = False,
     batch_size: BatchOpt = 64,
     workers: WorkersOpt = 1,
     on_bad_slide: OnBadSlideOpt = "error",
     precision: PrecisionOpt = "auto",
+    weights: WeightsOpt = None,
 ) -> None:
-    """Predict unlabelled slides: tile, encode with the model's encoder, predict; CSV plus heatmaps."""
+    """Predict unlabelled slides: tile, encode with the model's encoder (or read --features), predict; CSV plus heatmaps."""
     from histomil.slides.heatmap import SCALES, predict_slides
 
     _check_choice("--scale", scale, SCALES)
@@ -224,7 +286,10 @@ def predict_slides_cmd(
     if out.suffix.lower() == ".csv":
         csv_path, out = out, out.with_suffix("")
     with progress_bars() as progress:
-        rows = predict_slides(model, slides, out, spec, csv_path=csv_path, coords_dir=coords, top_k=top_k,
+        rows = predict_slides(model, slides, out, spec, csv_path=csv_path, coords_dir=coords, features=features,
+                              encoder=model_encoder(model, weights, precision),
+                              tile_size_level0=tile_size_level0, allow_encoder_mismatch=allow_encoder_mismatch,
+                              top_k=top_k,
                               threshold=threshold, scale=scale, heatmaps=heatmaps,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
                               log=log, progress=progress)
@@ -232,3 +297,19 @@ def predict_slides_cmd(
     n_pos = sum(int(r["predicted_class"]) == 1 for r in done)
     show_result(f"{len(done)} slides predicted ({n_pos} positive), {len(rows) - len(done)} skipped; "
                 f"written to {csv_path or out / 'predictions.csv'}")
+
+
+@user_errors
+def export_features_cmd(
+    sources: Annotated[list[Path], typer.Argument(help="Slide feature files of 'histomil features slides', or folders of them.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder, laid out as the tool writes its own.")],
+    layout: Annotated[str, typer.Option("--layout", help="clam, trident or stamp.")],
+    slide_mpp: Annotated[float | None, typer.Option("--slide-mpp", help="Level-0 um/px, for files of slides whose header had none (STAMP needs it).")] = None,
+    slide_magnification: Annotated[float | None, typer.Option("--slide-magnification", help="Objective power, for files of slides whose header had none (TRIDENT needs it).")] = None,
+) -> None:
+    """Write histomil slide feature files as CLAM, TRIDENT or STAMP write theirs, with their meaning of every attribute."""
+    from histomil.features.export import EXPORT_LAYOUTS, export_features
+
+    _check_choice("--layout", layout, EXPORT_LAYOUTS)
+    written = export_features(sources, out, layout, slide_mpp=slide_mpp, slide_magnification=slide_magnification, log=log)
+    show_result(f"{len(written)} {layout} files written to {out}")

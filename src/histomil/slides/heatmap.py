@@ -30,7 +30,8 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from histomil.errors import HistomilError
-from histomil.features.store import FeatureBag, read_feature_bag
+from histomil.features.geometry import require_geometry
+from histomil.features.store import FeatureBag
 from histomil.reports.plots import new_figure, save_figure
 from histomil.reports.tables import write_bytes
 from histomil.slides.tiling import TilingSpec
@@ -87,29 +88,6 @@ def bag_scores(model: torch.nn.Module, bag: FeatureBag) -> tuple[np.ndarray, np.
     if inst.dim() == 2:  # (N, C): the positive class (or the predicted one for > 2 classes)
         inst = inst[:, 1 if inst.shape[1] == 2 else int(np.argmax(probs))]
     return probs, inst.cpu().numpy().astype(np.float64), "instance score"
-
-
-def tile_extent_level0(bag: FeatureBag, level_downsamples: Sequence[float] = (1.0,), mpp: float | None = None) -> int:
-    """Side of one tile in level-0 pixels, from what the feature file recorded.
-
-    ``patch_size_level0`` (histomil, TRIDENT), else ``patch_size`` at ``patch_level`` (CLAM), else
-    STAMP's ``tile_size_um`` with the slide ``mpp``, else the grid step of the coordinates.
-    """
-    a = bag.attrs
-    if a.get("patch_size_level0"):
-        return round(float(a["patch_size_level0"]))
-    if a.get("patch_size") and a.get("patch_level") is not None:
-        level = int(a["patch_level"])
-        ds = level_downsamples[level] if level < len(level_downsamples) else 1.0
-        return round(float(a["patch_size"]) * ds)
-    if a.get("tile_size_um") and mpp:
-        return round(float(a["tile_size_um"]) / float(mpp))
-    if bag.coords is not None and len(bag.coords) > 1:
-        steps = [np.diff(np.unique(bag.coords[:, k])) for k in (0, 1)]
-        positive = np.concatenate([s[s > 0] for s in steps])
-        if positive.size:
-            return int(positive.min())
-    raise HistomilError(f"bag {bag.bag_id}: the feature file does not say how large a tile is (no patch_size_level0)")
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -289,7 +267,7 @@ def write_slide_heatmap(
         if patch_size_level0 is None:
             if bag is None:
                 raise ValueError("give patch_size_level0 or the bag the scores belong to")
-            patch_size_level0 = tile_extent_level0(bag, slide.level_downsamples, slide.mpp)
+            patch_size_level0 = require_geometry(bag)[1]
         thumb = slide.thumbnail(spec.mask_size)
         mask = tissue_mask(thumb, **spec.tissue_params())  # type: ignore[arg-type]
         dims = slide.dimensions
@@ -311,7 +289,7 @@ def check_encoder(checkpoint: str | Path, meta: dict[str, Any], encoder: torch.n
         raise HistomilError(
             f"{checkpoint}: the model takes {meta['in_dim']}-d features but encoder {have.name} gives {have.dim}-d"
         )
-    for key, value in (("name", have.name), ("input_size", have.input_size)):
+    for key, value in (("name", have.name), ("input_size", have.input_size), ("weights", have.weights)):
         if info.get(key) is not None and str(info[key]) != str(value):
             raise HistomilError(
                 f"{checkpoint}: the model was trained on features of {info.get('name')} "
@@ -327,6 +305,9 @@ def predict_slides(
     *,
     csv_path: str | Path | None = None,
     coords_dir: str | Path | None = None,
+    features: str | Path | None = None,
+    tile_size_level0: int | None = None,
+    allow_encoder_mismatch: bool = False,
     top_k: int = 5,
     threshold: float | None = None,
     scale: Scale = "rank",
@@ -339,7 +320,8 @@ def predict_slides(
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
-    """Tile, encode and predict unlabelled slides; returns (and writes) one CSV row per slide.
+    """Predict unlabelled slides (tiling and encoding them, or from cached features); returns (and
+    writes) one CSV row per slide.
 
     Writes into ``out_dir``: ``features/<slide>.h5`` (reused on a re-run), ``heatmaps/<slide>_heatmap.png``
     and ``heatmaps/<slide>_tiles.geojson`` (with ``heatmaps``), and ``predictions.csv`` (or
@@ -350,9 +332,18 @@ def predict_slides(
     The encoder is the one named in the checkpoint, run in ``precision`` (``auto``: bf16 where this
     machine computes it natively, else fp32; see :mod:`histomil.hardware`);
     pass ``encoder`` to use an already-built one (it must match the checkpoint).
+
+    With ``features`` (a feature file, or a folder with ``<slide>.h5``/``.pt`` in any layout that
+    :mod:`histomil.features.formats` reads) nothing is encoded: the tiles, and their size on the
+    slide, come from those files, ``coords_dir`` (the tiler's coordinates files) or
+    ``tile_size_level0`` (see :mod:`histomil.slides.cached`). Features of another dimension or another
+    encoder than the model's are refused (the latter unless ``allow_encoder_mismatch``).
     """
     from histomil.features.encoders import build_encoder
+    from histomil.features.validate import check_bags_for_model
+    from histomil.slides.cached import find_feature_file, slide_bag_from_features
     from histomil.slides.features import extract_slide_features, find_slides
+    from histomil.slides.reader import open_slide
     from histomil.training.checkpoint import load_checkpoint
 
     if scale not in SCALES:
@@ -362,28 +353,61 @@ def predict_slides(
     spec = spec or TilingSpec()
     out_dir = Path(out_dir)
     model, meta = load_checkpoint(checkpoint)
-    info = meta.get("encoder_info") or {}
-    if encoder is None:
-        if not info.get("name"):
-            raise HistomilError(f"{checkpoint}: the model does not record its encoder, so slides cannot be encoded for it")
-        encoder = build_encoder(str(info["name"]), precision=precision,
-                                channels_last=True)
-    check_encoder(checkpoint, meta, encoder)
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else float(threshold)
     paths = find_slides(slides)
-    summary = extract_slide_features(
-        paths, out_dir / "features", encoder, spec, coords_dir=coords_dir, batch_size=batch_size,
-        num_workers=num_workers, on_bad_slide=on_bad_slide, log=log, progress=progress,
-    )
-    bad = {p.stem: reason for p, reason in summary.skipped}
+    bad: dict[str, str] = {}
+    files: dict[str, Path] = {}
+    if features is not None:
+        if Path(features).is_file() and len(paths) > 1:
+            raise HistomilError(f"{features}: one feature file for {len(paths)} slides; give a folder of <slide>.h5 files")
+        for path in paths:
+            try:
+                files[path.stem] = find_feature_file(features, path.stem)
+            except HistomilError as err:
+                if on_bad_slide == "error":
+                    raise
+                bad[path.stem] = str(err)
+    else:
+        info = meta.get("encoder_info") or {}
+        if encoder is None:
+            if not info.get("name"):
+                raise HistomilError(f"{checkpoint}: the model does not record its encoder, so slides cannot be encoded for it")
+            try:
+                encoder = build_encoder(str(info["name"]), precision=precision, channels_last=True)
+            except HistomilError as err:
+                raise HistomilError(f"{err} (features extracted before, by any tool: pass --features)") from None
+        check_encoder(checkpoint, meta, encoder)
+        summary = extract_slide_features(
+            paths, out_dir / "features", encoder, spec, coords_dir=coords_dir, batch_size=batch_size,
+            num_workers=num_workers, on_bad_slide=on_bad_slide, log=log, progress=progress,
+        )
+        bad = {p.stem: reason for p, reason in summary.skipped}
+        files = summary.files
+
+    def load(path: Path) -> FeatureBag:
+        """The slide's bag, with level-0 coordinates and ``patch_size_level0`` (see slides.cached)."""
+        given = features is not None
+        with open_slide(path, mpp=spec.slide_mpp) as slide:
+            bag = slide_bag_from_features(slide, files[path.stem], coords_dir if given else None,
+                                          tile_size_level0 if given else None)
+        check_bags_for_model([bag], meta, allow_encoder_mismatch=allow_encoder_mismatch)
+        return bag
+
     rows: list[dict[str, Any]] = []
     for i, path in enumerate(paths):
         row: dict[str, Any] = {"slide": path.stem, "n_tiles": "", "prob_positive": "", "predicted_class": "",
                                "top_tiles": "", "top_scores": "", "score": "", "heatmap": "", "geojson": "",
                                "features": "", "error": bad.get(path.stem, "")}
-        if path.stem in summary.files:
-            feat_path = summary.files[path.stem]
-            bag = read_feature_bag(feat_path)
+        if path.stem in files and path.stem not in bad:
+            feat_path = files[path.stem]
+            try:
+                bag = load(path)
+            except HistomilError as err:
+                if on_bad_slide == "error":
+                    raise
+                row["error"] = str(err)
+                rows.append(row)
+                continue
             probs, scores, kind = bag_scores(model, bag)
             p = float(probs[1]) if len(probs) == 2 else float(np.max(probs))
             cls = int(p >= threshold) if len(probs) == 2 else int(np.argmax(probs))
@@ -398,8 +422,9 @@ def predict_slides(
                 png = out_dir / "heatmaps" / f"{path.stem}_heatmap.png"
                 geo = out_dir / "heatmaps" / f"{path.stem}_tiles.geojson"
                 title = f"{path.stem}: P(class {1 if len(probs) == 2 else cls}) = {p:.3f}, {len(bag)} tiles, {scale} scale"
-                write_slide_heatmap(path, bag.coords, scores, png, geo, bag=bag, spec=spec, scale=scale,
-                                    title=title, label=kind)
+                write_slide_heatmap(path, bag.coords, scores, png, geo, patch_size_level0=int(bag.attrs["patch_size_level0"]),
+                                    spec=spec,
+                                    scale=scale, title=title, label=kind)
                 row.update(heatmap=str(png.relative_to(out_dir)), geojson=str(geo.relative_to(out_dir)))
             if log:
                 log(f"{path.name}: p = {p:.3f} -> class {cls}")
