@@ -376,3 +376,23 @@ def test_train_pixels_restarts_when_a_tile_changes(tmp_path: Path):
     fresh = train_pixels(bags[:4], bags[4:], cfg, tmp_path / "fresh")
     drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert drop(resumed.history) == drop(fresh.history)
+
+
+def test_removed_bags_do_not_stay_beside_the_new_ones(tmp_path: Path):
+    root, out = bag_root(tmp_path, n_bags=4), tmp_path / "out"
+    extract(root, out)
+    shutil.rmtree(root / "b3")
+    (root / "labels.csv").write_text("case,y_true\nb0,0\nb1,1\nb2,0\n")
+    message = " ".join(extract(root, out).split())
+    assert "warning:" in message and "1 feature file(s) belong to no bag" in message and "b3.h5" in message
+    # a study composed again with fewer bags: the study's own feature folders drop the bags it no longer has
+    table, study, feats = example_tile_table(), tmp_path / "study", tmp_path / "feats"
+    make = ("bags", "make", table, study, "--bag-size", "6", "--val-bags", "4", "--test-bags", "4", "--test-witnesses", "3",
+            "--train-witnesses", "1-3", "--val-witnesses", "1-3")
+    study_extract = ("features", "extract", study, feats, "--encoder", FAST_ENCODER, "--precision", "fp32",
+                     "--workers", "0", "--runtime", "torch")
+    cli(*make, "--train-bags", "8")
+    cli(*study_extract)
+    cli(*make, "--train-bags", "5", "--overwrite")
+    cli(*study_extract)
+    assert sorted(p.name for p in (feats / "train").glob("*.h5")) == [f"{i}.h5" for i in range(5)]

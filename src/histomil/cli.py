@@ -168,6 +168,11 @@ def features_extract(
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
             if source.is_dir():
                 copy_sidecars(source, out)
+            ids = {f"{b.bag_id}.h5" for b in bags}
+            others = sorted(p.name for p in out.glob("*.h5") if p.name not in ids)
+            if others:  # e.g. bags removed from the source since an earlier extraction
+                warnings.warn(f"{out}: {len(others)} feature file(s) belong to no bag of {source} (first: {others[0]});"
+                              " training on this folder would use them too: delete them if they are stale", stacklevel=1)
     for name, s in summaries.items():
         changed = f", {s.n_changed} redone as their tiles or settings changed" if s.n_changed else ""
         relabelled = f", {s.n_relabelled} relabelled" if s.n_relabelled else ""
