@@ -407,3 +407,29 @@ def test_feature_files_written_before_a_failure_stay_whole(tmp_path: Path):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
     assert np.array_equal(read_feature_bag(path).features, old.features)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.h5"]
+
+
+def test_os_errors_become_one_line_naming_a_path(tmp_path: Path, capsys):
+    """At the CLI root: the error's own file name, else the one h5py wrote into its text, else the
+    command's ``out`` (Python's write errors name no file); never a traceback."""
+    import typer
+
+    from histomil.ui import user_errors
+
+    @user_errors
+    def command(source: Path, out: Path, exc: OSError) -> None:
+        raise exc
+
+    h5py_text = ("Unable to synchronously create file (unable to open file: name = '/data/x.h5', errno = 30, "
+                 "error message = 'Read-only file system', flags = 13, o_flags = 242)")
+    cases = [
+        (OSError(errno.EACCES, "Permission denied", str(tmp_path / "a.csv")), f"error: {tmp_path / 'a.csv'}: permission denied"),
+        (OSError(h5py_text), "error: /data/x.h5: read-only file system"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), f"error: {tmp_path / 'out'}: disk quota exceeded"),
+    ]
+    for exc, expected in cases:
+        with pytest.raises(typer.Exit) as caught:
+            command(tmp_path / "in", out=tmp_path / "out", exc=exc)
+        assert caught.value.exit_code == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == expected and captured.out == ""
