@@ -32,8 +32,9 @@ from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_th
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder, check_encoder_name
 from histomil.features.extract import copy_sidecars, extract_bags
+from histomil.features.formats import load_feature_dataset
 from histomil.features.runtimes import with_runtime
-from histomil.features.store import exclusive_output, load_feature_dataset, remove_temp_leftovers
+from histomil.features.store import exclusive_output, remove_temp_leftovers
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
 from histomil.training.checkpoint import combine_checkpoints
