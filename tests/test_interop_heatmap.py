@@ -253,3 +253,19 @@ def test_find_feature_file_in_clam_output_folder() -> None:
     assert find_feature_file(CLAM / "level0_step256", SLIDE) == CLAM / "level0_step256" / "h5_files" / f"{SLIDE}.h5"
     with pytest.raises(HistomilError, match="no feature file for slide nope"):
         find_feature_file(CLAM / "level0_step256", "nope")
+
+
+def test_predict_slides_skips_a_slide_without_features(uni_model: Path, cmu: Path, shared_data: Path,
+                                                       tmp_path: Path) -> None:
+    tcga = shared_data / "wsi" / "TCGA-CR-7395-01A-01-TS1.svs"
+    code, output = run("predict-slides", uni_model, cmu, tcga, "--features", TRIDENT10 / "features_uni_v1",
+                       "--on-bad-slide", "skip", "--no-heatmaps", "--out", tmp_path / "p.csv")
+    assert code == 0, output
+    with (tmp_path / "p.csv").open() as f:
+        rows = {r["slide"]: r for r in csv.DictReader(f)}
+    assert int(rows[SLIDE]["n_tiles"]) == 20 and rows[SLIDE]["error"] == ""
+    assert rows["TCGA-CR-7395-01A-01-TS1"]["prob_positive"] == ""
+    assert "no feature file for slide TCGA-CR-7395-01A-01-TS1" in rows["TCGA-CR-7395-01A-01-TS1"]["error"]
+    code, output = run("predict-slides", uni_model, cmu, tcga, "--features", TRIDENT10 / "features_uni_v1",
+                       "--out", tmp_path / "q")
+    assert code == 2 and "no feature file for slide TCGA-CR-7395-01A-01-TS1" in output
