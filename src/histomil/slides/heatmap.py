@@ -9,7 +9,8 @@
   coordinates) that QuPath opens (File > Import objects): each tile is a ``"tile"`` object with the
   score as a measurement and a decile class, so QuPath's measurement maps and class colours work.
 * :func:`predict_slides` tiles, encodes (with the encoder the model was trained on) and predicts
-  unlabelled slides in one call: a CSV with probability, class and top tiles per slide, plus a
+  unlabelled slides in one call, or reads features extracted before by any tool (``features``,
+  :mod:`histomil.slides.cached`): a CSV with probability, class and top tiles per slide, plus a
   heatmap and GeoJSON per slide.
 """
 
