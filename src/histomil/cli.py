@@ -131,7 +131,8 @@ def features_extract(
     source: Path = typer.Argument(..., help="A study folder (from 'bags make'), a bag root folder, or a manifest CSV."),
     out: Path = typer.Argument(..., help="Output folder for the per-bag feature files."),
     labels: Optional[Path] = typer.Option(None, help="Labels CSV for a bag root (default root/labels.csv or df.csv)."),
-    encoder: str = typer.Option("efficientnet_lite0", help="Tile encoder."),
+    encoder: str = typer.Option("efficientnet_lite0", help="Tile encoder: efficientnet_lite0, a preset (uni_v2, virchow2, ...) or timm:<architecture>; 'histomil encoders' lists them."),
+    weights: Optional[Path] = typer.Option(None, help="Weights file (.safetensors, .pth, .bin) for a preset or timm: encoder (default: the local Hugging Face cache)."),
     precision: str = typer.Option("auto", help="auto (default: bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
     runtime: str = typer.Option("auto", help="What runs the encoder: auto (OpenVINO for fp32 on the CPU when installed, else torch), torch, openvino or onnxruntime."),
     batch_size: int = typer.Option(64, help="Tiles per encoder batch."),
@@ -152,7 +153,7 @@ def features_extract(
         raise HistomilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if runtime not in RUNTIMES:
         raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    cfg = validate_options(FeatureConfig, dict(encoder=encoder, precision=precision, runtime=runtime, batch_size=batch_size,
+    cfg = validate_options(FeatureConfig, dict(encoder=encoder, weights=str(weights) if weights else None, precision=precision, runtime=runtime, batch_size=batch_size,
                                                 workers=workers, on_bad_tile=on_bad_tile))  # before any work
     with progress_bars() as progress:
         if (source / "study.json").is_file():
@@ -163,7 +164,7 @@ def features_extract(
             if unlabelled:  # fine for predict; train and evaluate would refuse them only later
                 warnings.warn(f"{source}: {unlabelled} of {len(bags)} bags have no label (not in a labels CSV); "
                               "their feature files can be predicted on, not trained or evaluated on", stacklevel=1)
-            enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True), runtime)
+            enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights), runtime)
             fc = FeatureCache.for_encoder(cache or out / "cache", enc)
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, _log, progress)}
             if source.is_dir():
@@ -265,6 +266,7 @@ def predict_cmd(
     coords: Optional[Path] = typer.Option(None, "--coords", help="Feature pt files: the CLAM/TRIDENT patches folder with their coordinates."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
     precision: str = typer.Option("auto", help="Bags: precision of the encoder (image bags) and the MIL head: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
+    weights: Optional[Path] = typer.Option(None, help="Images and slides: weights file of the model's preset or timm: encoder (default: the local Hugging Face cache)."),
 ) -> None:
     """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
 
@@ -280,12 +282,13 @@ def predict_cmd(
         from histomil.commands.slides import predict_slides_cmd
 
         predict_slides_cmd(model, [source], out, top_k=top_k, threshold=threshold, mpp=mpp, slide_mpp=slide_mpp,
-                           on_bad_slide="skip" if on_bad_tile == "skip" else "error")
+                           on_bad_slide="skip" if on_bad_tile == "skip" else "error", weights=weights)
         return
 
     with progress_bars() as progress:
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, _log, progress, precision,
-                              slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch)
+                              slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch,
+                              weights=weights)
     n_pos = sum(r["predicted_class"] for r in rows)
     show_result(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
 
@@ -385,7 +388,7 @@ def demo_cmd(
 
 def _register_commands() -> None:
     """Commands that live in histomil.commands (slides, end-to-end pixels, cross-validation)."""
-    from histomil.commands import crossval, pixels, report, slides
+    from histomil.commands import crossval, encoders, pixels, report, slides
 
     app.command("tile")(slides.tile_cmd)
     features_app.command("slides")(slides.slide_features_cmd)
@@ -395,6 +398,7 @@ def _register_commands() -> None:
     app.command("train-pixels")(pixels.train_pixels_cmd)
     app.command("crossval")(crossval.crossval_cmd)
     app.command("report")(report.report_cmd)
+    app.command("encoders")(encoders.encoders_cmd)
 
 
 _register_commands()

@@ -58,6 +58,7 @@ class TileColumns(_Strict):
 
 class FeatureConfig(_Strict):
     encoder: str = "efficientnet_lite0"
+    weights: str | None = None  # weights file of a preset / timm:<arch> encoder (default: the local Hugging Face cache)
     # auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere (histomil.hardware)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # auto: OpenVINO for fp32 on the CPU when installed (histomil[cpu]), torch otherwise (histomil.features.runtimes)
@@ -143,7 +144,7 @@ def extract_study(
 ) -> dict[str, object]:
     """Extract features for every split of a study with one shared tile cache; feature files of bags
     no longer in the study (it was composed again) are deleted."""
-    encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last), cfg.runtime)
+    encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last, weights=cfg.weights), cfg.runtime)
     cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
     for name in split_names(study_dir):
