@@ -384,3 +384,23 @@ def test_slide_prediction_refuses_an_encoder_with_other_weights() -> None:
     with pytest.raises(HistomilError, match="weights sha256:a"):
         check_encoder("model.pt", meta, SimpleNamespace(info=info))
     check_encoder("model.pt", {**meta, "encoder_info": {**meta["encoder_info"], "weights": "sha256:b"}}, SimpleNamespace(info=info))
+
+
+def test_features_of_other_weights_are_refused_for_training_and_prediction(
+    weight_files: dict[str, Path], bag_root: Path, tmp_path: Path
+) -> None:
+    """One encoder name, two weights files: training on both, or predicting one with a model of the other,
+    is one error line each (the canonical names agree, only the weights identity tells them apart)."""
+    torch.manual_seed(11)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
+    common = ("--encoder", f"timm:{TINY}", "--precision", "fp32", "--runtime", "torch", "--workers", "0")
+    for name, w in (("a", weight_files["pth"]), ("b", other)):
+        assert invoke("features", "extract", bag_root, tmp_path / name, *common, "--weights", w).exit_code == 0
+    mixed = invoke("train", tmp_path / "a", "--val", tmp_path / "b", "--out", tmp_path / "mixed", "--epochs", "1")
+    assert mixed.exit_code == 2 and mixed.output.count("error:") == 1 and "one set of weights" in mixed.output, mixed.output
+    r = invoke("train", tmp_path / "a", "--val", tmp_path / "a", "--out", tmp_path / "run", "--epochs", "1", "--min-epochs", "1")
+    assert r.exit_code == 0, r.output
+    bad = invoke("predict", tmp_path / "run" / "model.pt", tmp_path / "b", "--out", tmp_path / "p.csv")
+    assert bad.exit_code == 2 and bad.output.count("error:") == 1 and "weights" in bad.output, bad.output
+    assert invoke("predict", tmp_path / "run" / "model.pt", tmp_path / "a", "--out", tmp_path / "q.csv").exit_code == 0

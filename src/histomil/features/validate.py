@@ -11,6 +11,9 @@ checked for:
   ``uni_v1``, STAMP's ``uni`` / ``mahmood-uni-<hash>``, CLAM's ``resnet50_trunc``, ... onto one
   name). Another encoder is refused unless ``allow_encoder_mismatch``; a file that records no encoder
   (CLAM) is accepted with one warning that names the assumption;
+* the encoder's weights, where both the file and the model record them (``weights``: a file's
+  SHA-256 or a Hugging Face snapshot, :mod:`histomil.features.weights`): other weights are refused
+  unless ``allow_encoder_mismatch``;
 * precision, where the file records it: an unknown value is refused, a different one than the
   model's features had is reported with a warning (bf16 and fp32 features of one encoder agree
   closely; see the README), never silently.
@@ -87,6 +90,7 @@ class ModelInputs:
     encoder: str | None
     encoder_recorded: str | None = None  # the name as the checkpoint stores it, for messages
     precision: str | None = None
+    weights: str | None = None  # identity of the encoder's weights (histomil.features.weights), when recorded
 
 
 def model_inputs(meta: Mapping[str, Any]) -> ModelInputs:
@@ -100,6 +104,7 @@ def model_inputs(meta: Mapping[str, Any]) -> ModelInputs:
         encoder=canonical_encoder(name),
         encoder_recorded=str(name) if name else None,
         precision=str(precision) if precision else None,
+        weights=str(info["weights"]) if info.get("weights") else None,
     )
 
 
@@ -121,6 +126,7 @@ def check_feature_bag(
     encoder: str | None,
     precision: str | None = None,
     allow_encoder_mismatch: bool = False,
+    weights: str | None = None,
 ) -> None:
     """Check one bag for a model taking ``dim``-d features of ``encoder`` (any tool's name).
 
@@ -141,6 +147,12 @@ def check_feature_bag(
         raise HistomilError(
             f"{where}: features were made with encoder {bag.attrs.get('encoder', have)!r} ({have}), the model was "
             f"trained on {encoder!r} ({want}); pass --allow-encoder-mismatch if you know they are interchangeable"
+        )
+    have_weights = bag.attrs.get("weights")
+    if weights and have_weights and str(have_weights) != weights and not allow_encoder_mismatch:
+        raise HistomilError(
+            f"{where}: features were made with {bag.attrs.get('encoder', have)!r} weights {have_weights}, the model was "
+            f"trained on weights {weights}; extract them again with the model's weights (--weights)"
         )
     recorded = bag.attrs.get("precision")
     if recorded is not None and str(recorded) not in KNOWN_PRECISIONS:
@@ -163,7 +175,8 @@ def check_bags_for_model(
     want = model_inputs(meta)
     unnamed, other_precision, mismatched = [], [], []
     for bag in bags:
-        check_feature_bag(bag, dim=want.dim, encoder=want.encoder, allow_encoder_mismatch=allow_encoder_mismatch)
+        check_feature_bag(bag, dim=want.dim, encoder=want.encoder, allow_encoder_mismatch=allow_encoder_mismatch,
+                          weights=want.weights)
         have = bag_encoder(bag)
         if have is None:
             unnamed.append(bag)
@@ -219,6 +232,12 @@ def training_encoder_info(bags: Sequence[FeatureBag]) -> dict[str, Any] | None:
         raise HistomilError(
             f"{bag_path(odd)}: features of encoder {odd.attrs.get('encoder')!r}, but {bag_path(first)} has "
             f"{first.attrs.get('encoder')!r}; train on features of one encoder"
+        )
+    odd = next((b for b in named if b.attrs.get("weights") != first.attrs.get("weights")), None)
+    if odd is not None:  # one encoder, other weights (histomil.features.weights): the features mean other things
+        raise HistomilError(
+            f"{bag_path(odd)}: features from weights {odd.attrs.get('weights')}, but {bag_path(first)} from "
+            f"{first.attrs.get('weights')}; train on features of one set of weights"
         )
     info = {k: first.attrs[k] for k in ENCODER_INFO_KEYS if k in first.attrs}
     info["name"] = str(info.pop("encoder"))
