@@ -14,18 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm  # a dev dependency (pyproject 'dev' and 'foundation' extras): missing, these tests fail, never skip
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-timm = pytest.importorskip("timm")
-from safetensors.torch import save_file  # noqa: E402
-
-from histomil.cli import app  # noqa: E402
-from histomil.errors import HistomilError  # noqa: E402
-from histomil.features.encoders import EncoderInfo, build_encoder, fit_tile, timm_kwargs  # noqa: E402
-from histomil.features.presets import PRESETS, Preset  # noqa: E402
-from histomil.features.store import read_feature_bag  # noqa: E402
-from histomil.features.validate import canonical_encoder  # noqa: E402
+from histomil.cli import app
+from histomil.errors import HistomilError
+from histomil.features.encoders import EncoderInfo, build_encoder, fit_tile, timm_kwargs
+from histomil.features.presets import PRESETS, Preset
+from histomil.features.store import read_feature_bag
+from histomil.features.validate import canonical_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
