@@ -303,6 +303,7 @@ BAD_OPTIONS = [
     (["predict", "{model}", "{features}", "--out", "{out}", "--threshold", "-0.2"], "--threshold must lie in [0, 1], got -0.2"),
     (["predict", "{model}", "{features}", "--out", "{out}", "--top-k", "-1"], "--top-k must be at least 0, got -1"),
     (["compare", "{features}", "--out", "{out}", "--threshold", "2"], "--threshold must lie in [0, 1], got 2"),
+    (["train-pixels", "{bags}", "--val", "{bags}", "--out", "{out}", "--model", "gated"], "model: unknown model 'gated'; allowed:"),
     (["features", "slides", "{slide}", "--out", "{out}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["predict-slides", "{model}", "{slide}", "--out", "{out}", "--threshold", "3"], "--threshold must lie in [0, 1], got 3"),
 ]

@@ -53,13 +53,14 @@ from torch.utils.data import DataLoader, Dataset
 from histomil.data.augment import augment_tile
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
+from histomil.config import one_of
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
 from histomil.features.extract import tile_digests
 from histomil.hardware import resolve_precision
 from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
-from histomil.models.registry import build_model
+from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training.checkpoint_file import save_checkpoint
 from histomil.training.common import (
@@ -115,6 +116,12 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
     # CPU threads (0 = torch's default, all cores). Convolutions use them well on an idle machine, but
     # when other processes compete for the cores, 1 thread was several times faster than 2 on our CPU.
     threads: int = Field(0, ge=0)
+
+    @pydantic.field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str | None) -> str | None:
+        # when the options are read, not after every tile was decoded
+        return name if name is None else one_of(name, [*model_names(), ORIGINAL_HEAD], "model")
 
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "pixel training config") -> PixelTrainConfig:
