@@ -9,6 +9,7 @@ get just those; progress bars, log lines (:func:`log`), warnings and errors go t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
@@ -67,6 +68,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _error(message: str) -> None:
+    """One red ``error:`` line on stderr."""
     err_console.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
 
 
@@ -89,7 +91,8 @@ def user_errors(fn: Callable) -> Callable:
             _error(str(exc))
             raise typer.Exit(2) from None
         except BrokenPipeError:  # stdout's reader went away (``histomil ... | head``): nothing to say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            with contextlib.suppress(OSError, ValueError):  # no more writes to the closed pipe at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(1) from None
         except OSError as exc:
             out = signature.bind_partial(*args, **kwargs).arguments.get("out")
