@@ -105,15 +105,21 @@ def test_timm_weights_file_extracts_the_models_own_forward(
         assert attrs["weights"].startswith("sha256:")
 
 
-def test_weights_identity_is_the_file_hash_and_both_formats_agree(weight_files: dict[str, Path]) -> None:
-    import hashlib
+def test_weights_identity_is_the_tensors_digest_whatever_the_file_format(
+    tiny_vit: torch.nn.Module, weight_files: dict[str, Path]
+) -> None:
+    from histomil.features.weights import state_digest
 
     a = build_encoder(f"timm:{TINY}", precision="fp32", weights=weight_files["safetensors"])
     b = build_encoder(f"timm:{TINY}", precision="fp32", weights=weight_files["pth"])
-    assert a.info.weights == "sha256:" + hashlib.sha256(weight_files["safetensors"].read_bytes()).hexdigest()
-    assert a.info.weights != b.info.weights  # different files, so different identities (and cache folders)
+    assert a.info.weights == b.info.weights == state_digest(tiny_vit)  # same tensors, one identity
     tiles = np.random.default_rng(0).integers(0, 256, (2, 200, 260, 3), dtype=np.uint8)
     np.testing.assert_array_equal(a.encode(tiles), b.encode(tiles))
+    changed = timm.create_model(TINY, pretrained=False, num_classes=0)
+    changed.load_state_dict(tiny_vit.state_dict())
+    with torch.no_grad():
+        changed.blocks[0].attn.qkv.weight[0, 0] += 1e-3  # one value of 5.5 million
+    assert state_digest(changed) != a.info.weights
 
 
 def test_preprocessing_matches_torchvision_resize_crop_normalise(weight_files: dict[str, Path]) -> None:
@@ -223,7 +229,8 @@ def test_absent_gated_weights_one_line(name: str, bag_root: Path, tmp_path: Path
 def test_weights_found_in_the_hf_cache_record_repo_and_commit(
     weight_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cached snapshot (as `hf download` leaves it) is used without --weights; its commit is the identity."""
+    """A cached snapshot (as `hf download` leaves it) is used without --weights, with the same weights identity
+    as the same tensors from a file; `histomil encoders` names the snapshot's repo and commit."""
     import huggingface_hub.constants as hc
 
     cache = tmp_path / "hub"
@@ -235,7 +242,7 @@ def test_weights_found_in_the_hf_cache_record_repo_and_commit(
     (snap.parents[1] / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     enc = build_encoder(f"timm:{TINY}", precision="fp32")
-    assert enc.info.weights == f"hf:timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k@{commit}/model.safetensors"
+    assert enc.info.weights == build_encoder(f"timm:{TINY}", precision="fp32", weights=weight_files["pth"]).info.weights
     uni = cache / "models--MahmoodLab--UNI" / "snapshots" / commit  # listing only looks for the file
     uni.mkdir(parents=True)
     (uni / "pytorch_model.bin").write_bytes(b"x")
@@ -403,3 +410,31 @@ def test_features_of_other_weights_are_refused_for_training_and_prediction(
     bad = invoke("predict", tmp_path / "run" / "model.pt", tmp_path / "b", "--out", tmp_path / "p.csv")
     assert bad.exit_code == 2 and bad.output.count("error:") == 1 and "weights" in bad.output, bad.output
     assert invoke("predict", tmp_path / "run" / "model.pt", tmp_path / "a", "--out", tmp_path / "q.csv").exit_code == 0
+
+
+def test_predict_slides_uses_weights_and_refuses_others(
+    weight_files: dict[str, Path], bag_root: Path, tmp_path: Path
+) -> None:
+    """predict-slides re-encodes the slide with the model's timm encoder and --weights; another weights
+    file of the same architecture is refused in one line before any tile is encoded."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from slide_fixtures import make_slide
+
+    (tmp_path / "slides").mkdir()
+    slide = make_slide(tmp_path / "slides")
+    common = ("--encoder", f"timm:{TINY}", "--precision", "fp32", "--runtime", "torch", "--workers", "0")
+    assert invoke("features", "extract", bag_root, tmp_path / "f", *common, "--weights", weight_files["pth"]).exit_code == 0
+    r = invoke("train", tmp_path / "f", "--val", tmp_path / "f", "--out", tmp_path / "run", "--epochs", "1", "--min-epochs", "1")
+    assert r.exit_code == 0, r.output
+    model = tmp_path / "run" / "model.pt"
+    ok = invoke("predict-slides", model, slide, "--out", tmp_path / "pred", "--mpp", "1", "--no-heatmaps",
+                "--precision", "fp32", "--workers", "0", "--weights", weight_files["safetensors"])
+    assert ok.exit_code == 0, ok.output
+    torch.manual_seed(13)
+    other = tmp_path / "other.pth"
+    torch.save(timm.create_model(TINY, num_classes=0).state_dict(), other)
+    bad = invoke("predict-slides", model, slide, "--out", tmp_path / "pred2", "--mpp", "1", "--no-heatmaps",
+                 "--precision", "fp32", "--workers", "0", "--weights", other)
+    assert bad.exit_code == 2 and bad.output.count("error:") == 1 and "weights" in bad.output, bad.output

@@ -37,6 +37,7 @@ from histomil.features.weights import (
     load_weights,
     local_weights,
     missing_weights_message,
+    state_digest,
 )
 from histomil.hardware import device_description, resolve_precision
 from histomil.runtime import flush_denormals, keep_freed_memory
@@ -372,13 +373,14 @@ def preset_encoder(
     model = timm.create_model(preset.arch, pretrained=False, **timm_kwargs(preset))
     if source is not None:
         load_weights(model, source, str(preset.arch), classifier=preset.extra.get("classifier"))
+    identity = state_digest(model) if source is not None else RANDOM_WEIGHTS
     backbone = TimmEmbedding(model.eval(), preset.embedding)
     if preset.dim and backbone.dim != preset.dim:
         raise HistomilError(f"encoder {preset.name!r}: {preset.arch} gives {backbone.dim}-d embeddings, the preset says {preset.dim}")
     info = EncoderInfo(
         name=preset.name, input_size=preset.input_size, mean=preset.mean, std=preset.std, dim=backbone.dim,
         resize=preset.resize, interpolation=preset.interpolation,
-        weights=source.identity if source is not None else RANDOM_WEIGHTS,
+        weights=identity,
     )
     return TileEncoder(backbone, info, precision=precision, channels_last=channels_last).eval()
 

@@ -3,10 +3,13 @@
 Weights come from a local file (``--weights PATH``: ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``)
 or from the local Hugging Face cache (``hf download <repo>``, or any earlier timm/huggingface_hub
 download). Nothing is ever downloaded here: a gated or absent repository is one
-:class:`~histomil.errors.HistomilError` line saying what to do. Every source has an identity that
-goes into the encoder's :class:`~histomil.features.encoders.EncoderInfo` (``weights``), so features
-from different weights are never mixed: ``sha256:<hex>`` of a file, ``hf:<repo>@<commit>/<file>``
-for a cached snapshot, ``random`` for an untrained network.
+:class:`~histomil.errors.HistomilError` line saying what to do.
+
+The weights' identity, which goes into the encoder's :class:`~histomil.features.encoders.EncoderInfo`
+(``weights``) so that features from different weights are never mixed, is :func:`state_digest`: a
+SHA-256 of the tensors the model holds once loaded, so the same weights have one identity whether
+they came as safetensors or a pickle, from a file or the cache (``random`` for an untrained network).
+A :class:`WeightsSource` says where they came from (``histomil encoders`` lists it).
 """
 
 from __future__ import annotations
@@ -28,29 +31,30 @@ RANDOM_WEIGHTS = "random"
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """A weights file and its identity (what :attr:`EncoderInfo.weights` records)."""
+    """A weights file and where it came from (``file:<path>`` or ``hf:<repo>@<commit>/<file>``)."""
 
     path: Path
     identity: str
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+def state_digest(model: nn.Module) -> str:
+    """``sha256:<hex>`` of a model's state dict (names, dtypes, shapes and bytes, in name order)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
 
 
 def local_weights(path: str | Path) -> WeightsSource:
-    """A weights file given by the user, identified by its SHA-256 (one error line if unusable)."""
+    """A weights file given by the user (one error line if it is missing or of an unknown kind)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise HistomilError(f"{p}: weights file not found")
     if not p.name.endswith(WEIGHT_SUFFIXES):
         raise HistomilError(f"{p}: weights must be a {', '.join(WEIGHT_SUFFIXES)} file")
-    return WeightsSource(p, f"sha256:{file_sha256(p)}")
+    return WeightsSource(p, f"file:{p.resolve()}")
 
 
 def cached_weights(repo: str | None, files: tuple[str, ...]) -> WeightsSource | None:
