@@ -23,7 +23,7 @@ from histomil.cli import app
 from histomil.errors import HistomilError
 from histomil.features.encoders import EncoderInfo, build_encoder, fit_tile, timm_kwargs
 from histomil.features.presets import PRESETS, Preset
-from histomil.features.store import read_feature_bag
+from histomil.features.store import FeatureBag, read_feature_bag
 from histomil.features.validate import canonical_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -438,3 +438,16 @@ def test_predict_slides_uses_weights_and_refuses_others(
     bad = invoke("predict-slides", model, slide, "--out", tmp_path / "pred2", "--mpp", "1", "--no-heatmaps",
                  "--precision", "fp32", "--workers", "0", "--weights", other)
     assert bad.exit_code == 2 and bad.output.count("error:") == 1 and "weights" in bad.output, bad.output
+
+
+def test_train_without_encoder_info_records_the_features_weights(tmp_path: Path) -> None:
+    """train() called with bags only (no encoder_info) takes the weights identity from their files too."""
+    from histomil.training.checkpoint import load_checkpoint
+    from histomil.training.trainer import TrainConfig, train
+
+    attrs = {"encoder": f"timm:{TINY}", "input_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "weights": "sha256:abc"}
+    rng = np.random.default_rng(0)
+    bags = [FeatureBag(f"b{i}", rng.normal(size=(5, 8)).astype(np.float32), [str(j) for j in range(5)], label=i % 2,
+                       attrs=dict(attrs)) for i in range(6)]
+    result = train(bags[:4], bags[4:], TrainConfig(model="abmil", epochs=1, min_epochs=0, seed=0), tmp_path / "run")
+    assert load_checkpoint(result.model_path)[1]["encoder_info"]["weights"] == "sha256:abc"

@@ -328,7 +328,7 @@ def _encoder_info_from(train_bags: Sequence[FeatureBag], val_bags: Sequence[Feat
     if not encoders:
         return None
     attrs = train_bags[0].attrs
-    keys = ("encoder", "input_size", "mean", "std", "feature_dim")
+    keys = ("encoder", "input_size", "mean", "std", "feature_dim", "weights", "resize", "interpolation")
     info = {k: attrs[k] for k in keys if k in attrs}
     info["name"] = info.pop("encoder", encoders.pop())
     return info
