@@ -451,3 +451,62 @@ def test_train_without_encoder_info_records_the_features_weights(tmp_path: Path)
                        attrs=dict(attrs)) for i in range(6)]
     result = train(bags[:4], bags[4:], TrainConfig(model="abmil", epochs=1, min_epochs=0, seed=0), tmp_path / "run")
     assert load_checkpoint(result.model_path)[1]["encoder_info"]["weights"] == "sha256:abc"
+
+
+@pytest.fixture()
+def tiny_dinov2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A random 2-layer transformers Dinov2Model saved as a model folder, and a Phikon-v2-like preset for it."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(3)
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=16,
+                          image_size=224)
+    model = Dinov2Model(config).eval()
+    model.save_pretrained(tmp_path / "dino")
+    preset = Preset(name="tiny_phikon", title="tiny", hf_repo="owkin/tiny-phikon-test", arch=None, timm_kwargs={},
+                    input_size=224, resize=224, interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                    std=(0.229, 0.224, 0.225), embedding="cls", dim=32, prefix_tokens=1, licence="test", gated=False,
+                    builder="transformers")
+    monkeypatch.setitem(PRESETS, preset.name, preset)
+    return model, tmp_path / "dino"
+
+
+def test_transformers_preset_extracts_the_models_own_class_token(tiny_dinov2, bag_root: Path, tmp_path: Path) -> None:
+    """Phikon-v2's path (a transformers Dinov2Model folder) through 'features extract': last_hidden_state[:, 0]."""
+    model, folder = tiny_dinov2
+    out = tmp_path / "feats"
+    r = invoke("features", "extract", bag_root, out, "--encoder", "tiny_phikon", "--weights", folder, "--precision", "fp32",
+               "--runtime", "torch", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    enc = build_encoder("tiny_phikon", precision="fp32", weights=folder / "model.safetensors")  # the file names its folder
+    for feats, paths, attrs in extracted(out).values():
+        from PIL import Image
+
+        x = enc.preprocess(np.stack([np.asarray(Image.open(bag_root / p if not Path(p).is_absolute() else p)) for p in paths]))
+        with torch.no_grad():
+            ref = model(pixel_values=x).last_hidden_state[:, 0].numpy()
+        assert feats.shape == (3, 32)
+        np.testing.assert_allclose(feats, ref, atol=ATOL, rtol=0)
+        assert attrs["weights"] == enc.info.weights
+
+
+def test_transformers_preset_refuses_incomplete_folders(tiny_dinov2, tmp_path: Path) -> None:
+    """No config.json, or weights that leave tensors to random initialisation: one error line, never random weights."""
+    from safetensors.torch import load_file
+
+    _, folder = tiny_dinov2
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(folder / "model.safetensors", lone / "model.safetensors")
+    with pytest.raises(HistomilError, match="no config.json"):
+        build_encoder("tiny_phikon", weights=lone / "model.safetensors")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(folder / "config.json", partial / "config.json")
+    state = load_file(str(folder / "model.safetensors"))
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(partial / "model.safetensors"))
+    with pytest.raises(HistomilError, match="weights do not fill the model: 1 missing"):
+        build_encoder("tiny_phikon", weights=partial)
+    with pytest.raises(HistomilError, match="not in the local cache"):
+        build_encoder("tiny_phikon")

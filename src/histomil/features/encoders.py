@@ -254,6 +254,23 @@ class TimmEmbedding(nn.Module):
         return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
 
 
+class TransformersEmbedding(nn.Module):
+    """A Hugging Face transformers vision model whose ``forward_features`` returns the class token of its
+    ``last_hidden_state`` (Phikon-v2's embedding, as its model card and TRIDENT take it)."""
+
+    def __init__(self, model: nn.Module, embedding: str) -> None:
+        super().__init__()
+        if embedding != "cls":
+            raise HistomilError(f"embedding {embedding!r} is not computed for transformers models (only 'cls')")
+        self.model = model
+        self.embedding = embedding
+        self.dim = int(model.config.hidden_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised -> (B, hidden size)."""
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
+
+
 @torch.no_grad()
 def encode_in_batches(encoder: Any, tiles: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 tiles (B, H, W, 3) or (H, W, 3) -> (B, dim) float32: ``encoder(encoder.preprocess(batch))``
@@ -344,8 +361,11 @@ def find_preset(name: str) -> Preset | None:
 
 
 def preset_weights(preset: Preset, weights: str | Path | None) -> WeightsSource:
-    """``weights`` when given, else the preset's repository in the local Hugging Face cache, else one error line."""
+    """``weights`` when given, else the preset's repository in the local Hugging Face cache, else one error line.
+    A transformers preset also takes the model folder itself (``config.json`` and its weights)."""
     if weights is not None:
+        if preset.builder == "transformers" and Path(weights).is_dir():
+            return WeightsSource(Path(weights), f"folder:{Path(weights).resolve()}")
         return local_weights(weights)
     found = cached_weights(preset.hf_repo, preset.weights_files)
     if found is None:
@@ -368,21 +388,58 @@ def preset_encoder(
         raise HistomilError(f"encoder {preset.name!r} ({preset.title}): histomil cannot build it: {preset.unbuildable}")
     if not pretrained and weights is not None:
         raise HistomilError(f"encoder {preset.name!r}: weights {weights} given for an encoder built without weights")
+    if preset.builder == "transformers":
+        if not pretrained:
+            raise HistomilError(f"encoder {preset.name!r}: a transformers model is built from its folder's config.json, "
+                                "so it cannot be built without weights")
+        backbone: nn.Module = TransformersEmbedding(transformers_model(preset, preset_weights(preset, weights)), preset.embedding)
+        return _preset_tile_encoder(preset, backbone, state_digest(backbone.model), precision, channels_last)
     source = preset_weights(preset, weights) if pretrained else None  # before building: a missing file fails fast
     timm = import_timm()
     model = timm.create_model(preset.arch, pretrained=False, **timm_kwargs(preset))
     if source is not None:
         load_weights(model, source, str(preset.arch), classifier=preset.extra.get("classifier"))
     identity = state_digest(model) if source is not None else RANDOM_WEIGHTS
-    backbone = TimmEmbedding(model.eval(), preset.embedding)
-    if preset.dim and backbone.dim != preset.dim:
-        raise HistomilError(f"encoder {preset.name!r}: {preset.arch} gives {backbone.dim}-d embeddings, the preset says {preset.dim}")
+    return _preset_tile_encoder(preset, TimmEmbedding(model.eval(), preset.embedding), identity, precision, channels_last)
+
+
+def _preset_tile_encoder(preset: Preset, backbone: nn.Module, identity: str, precision: str, channels_last: bool) -> TileEncoder:
+    """The TileEncoder of a built preset backbone, its dimension checked against the table."""
+    dim = int(backbone.dim)  # type: ignore[arg-type]
+    if preset.dim and dim != preset.dim:
+        raise HistomilError(f"encoder {preset.name!r}: {preset.arch or 'its model'} gives {dim}-d embeddings, the preset says {preset.dim}")
     info = EncoderInfo(
-        name=preset.name, input_size=preset.input_size, mean=preset.mean, std=preset.std, dim=backbone.dim,
-        resize=preset.resize, interpolation=preset.interpolation,
-        weights=identity,
+        name=preset.name, input_size=preset.input_size, mean=preset.mean, std=preset.std, dim=dim,
+        resize=preset.resize, interpolation=preset.interpolation, weights=identity,
     )
     return TileEncoder(backbone, info, precision=precision, channels_last=channels_last).eval()
+
+
+def transformers_model(preset: Preset, source: WeightsSource) -> nn.Module:
+    """A transformers model from its folder (``config.json`` + weights; a weights file names its folder).
+
+    Every weight must come from the folder: transformers would fill missing ones with random values and
+    only warn, so missing or mis-shaped tensors are an error here.
+    """
+    try:
+        from transformers import AutoModel
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        raise HistomilError(f"encoder {preset.name!r} needs transformers: {FOUNDATION_EXTRA}") from None
+    transformers_logging.disable_progress_bar()  # histomil draws its own progress
+    folder = source.path if source.path.is_dir() else source.path.parent
+    if not (folder / "config.json").is_file():
+        raise HistomilError(f"{folder}: no config.json; a transformers model ({preset.name}) needs its folder "
+                            f"(config.json beside the weights, as in {preset.hf_repo or 'its repository'})")
+    try:
+        model, loading = AutoModel.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model folder, said in one line
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HistomilError(f"{folder}: cannot load the transformers model ({detail[:200]})") from None
+    bad = [*loading.get("missing_keys", []), *loading.get("mismatched_keys", [])]
+    if bad:
+        raise HistomilError(f"{folder}: weights do not fill the model: {len(bad)} missing or mis-shaped (first: {bad[0]})")
+    return model.eval()
 
 
 def encoder_names() -> list[str]:

@@ -26,6 +26,8 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 #: the embeddings a preset can return (see :class:`Preset.embedding`)
 EMBEDDINGS = ("cls", "cls+mean_patch", "timm_head", "attn_pool")
+#: what builds a preset's network: timm (architecture + kwargs) or transformers (the model folder's config.json)
+BUILDERS = ("timm", "transformers")
 #: layer names a preset's timm kwargs may use for ``mlp_layer`` / ``act_layer`` (resolved at build time)
 LAYER_NAMES = ("swiglu_packed", "silu")
 
@@ -40,8 +42,10 @@ class Preset:
     ``attn_pool`` an attentional pooler (CONCH v1.5, not built here).
     ``resize``: the shorter tile side is resized to this (``interpolation``), then the centre
     ``input_size`` square is cropped. ``prefix_tokens``: class + register tokens of the ViT.
-    ``unbuildable``: why histomil cannot build this encoder itself (None when it can); such presets
-    still name the features other tools wrote with them.
+    ``builder``: ``timm`` (``arch`` + ``timm_kwargs``, timm-format weights) or ``transformers`` (a Hugging
+    Face transformers model folder: ``config.json`` beside the weights). ``unbuildable``: why histomil
+    cannot build this encoder itself (None when it can); such presets still name the features other
+    tools wrote with them.
     """
 
     name: str
@@ -62,6 +66,7 @@ class Preset:
     weights_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     aliases: tuple[str, ...] = ()
     unbuildable: str | None = None
+    builder: str = "timm"
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -77,6 +82,8 @@ def register_preset(preset: Preset) -> Preset:
         raise ValueError(f"preset {preset.name!r} is already registered")
     if preset.embedding not in EMBEDDINGS:
         raise ValueError(f"preset {preset.name!r}: unknown embedding {preset.embedding!r}")
+    if preset.builder not in BUILDERS:
+        raise ValueError(f"preset {preset.name!r}: unknown builder {preset.builder!r}")
     PRESETS[preset.name] = preset
     return preset
 
@@ -130,9 +137,8 @@ register_preset(Preset(
     embedding="cls", dim=1024, prefix_tokens=1, licence="Owkin non-commercial", gated=False,
     weights_files=("model.safetensors",),
     aliases=("phikon_v2", "phikon2", "owkin_phikon_v2"),
-    unbuildable="its weights are a Hugging Face transformers Dinov2Model (ViT-L/16), not timm weights; "
-                "extract with TRIDENT (phikon_v2) or STAMP and give histomil those feature files",
-    notes="transformers Dinov2 ViT-L/16",
+    builder="transformers",
+    notes="transformers Dinov2Model ViT-L/16, last_hidden_state[:, 0]",
 ))
 register_preset(Preset(
     name="gigapath", title="Prov-GigaPath (tile encoder)", hf_repo="prov-gigapath/prov-gigapath",
@@ -192,7 +198,7 @@ def preset_table_markdown() -> str:
     rows = ["| name | Hugging Face repo | architecture (timm) | dim | input | embedding | licence | gated | also read as |",
             "| --- | --- | --- | ---: | --- | --- | --- | --- | --- |"]
     for p in PRESETS.values():
-        arch = f"`{p.arch}`" if p.arch else f"not timm ({p.notes or 'see unbuildable'})"
+        arch = f"`{p.arch}`" if p.arch else f"not timm ({p.notes})"
         crop = f"resize {p.resize} {p.interpolation}, crop {p.input_size}" if p.resize != p.input_size \
             else f"resize {p.input_size} {p.interpolation}"
         rows.append(f"| `{p.name}` ({p.title}) | {p.hf_repo} | {arch} | {p.dim} | {crop} | {p.embedding} | "
