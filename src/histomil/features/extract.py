@@ -30,7 +30,7 @@ from histomil.data.bags import Bag
 from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
-from histomil.features.encoders import fit_tile
+from histomil.features.tile_encoder import fit_tile
 from histomil.features.store import (
     FeatureBag,
     exclusive_output,
