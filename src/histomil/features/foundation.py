@@ -93,9 +93,14 @@ def import_timm() -> Any:
 def timm_kwargs(preset: Preset) -> dict[str, Any]:
     """The preset's timm keyword arguments with layer names (``swiglu_packed``, ``silu``) made classes."""
     timm = import_timm()
-    layers = {"swiglu_packed": timm.layers.SwiGLUPacked, "silu": nn.SiLU}
-    assert set(layers) == set(LAYER_NAMES)
-    return {k: layers.get(v, v) if isinstance(v, str) and k.endswith("_layer") else v for k, v in preset.timm_kwargs.items()}
+    layers = dict(zip(LAYER_NAMES, (timm.layers.SwiGLUPacked, nn.SiLU)))  # LAYER_NAMES = ("swiglu_packed", "silu")
+    kwargs = dict(preset.timm_kwargs)
+    for key, value in kwargs.items():
+        if key.endswith("_layer") and isinstance(value, str):
+            if value not in layers:
+                raise HistomilError(f"preset {preset.name!r}: unknown layer {value!r} for {key}; known: {', '.join(layers)}")
+            kwargs[key] = layers[value]
+    return kwargs
 
 
 def timm_preset(arch: str) -> Preset:
@@ -144,9 +149,11 @@ def preset_encoder(
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> TileEncoder:
-    """A TileEncoder for a timm preset: architecture, weights, preprocessing and embedding from ``preset``.
+    """A TileEncoder for a preset (timm or transformers): network, weights, preprocessing and embedding
+    from ``preset``; the weights' identity is the digest of the loaded tensors.
 
-    ``pretrained=False`` builds random weights (recorded as ``weights="random"``: for speed tests only).
+    ``pretrained=False`` builds a timm network with random weights (recorded as ``weights="random"``:
+    for speed tests only).
     """
     if preset.unbuildable:
         raise HistomilError(f"encoder {preset.name!r} ({preset.title}): histomil cannot build it: {preset.unbuildable}")
