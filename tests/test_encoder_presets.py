@@ -510,3 +510,15 @@ def test_transformers_preset_refuses_incomplete_folders(tiny_dinov2, tmp_path: P
         build_encoder("tiny_phikon", weights=partial)
     with pytest.raises(HistomilError, match="not in the local cache"):
         build_encoder("tiny_phikon")
+
+
+def test_auto_runtime_leaves_vits_to_torch(weight_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime 'auto' converts only the encoders it was measured to speed up (Lite0), never a ViT preset."""
+    from histomil.features import runtimes
+
+    monkeypatch.setattr(runtimes, "runtime_installed", lambda name: True)
+    vit = build_encoder(f"timm:{TINY}", precision="fp32", weights=weight_files["pth"])
+    assert runtimes.with_runtime(vit, "auto") is vit
+    lite = build_encoder("efficientnet_lite0", pretrained=False, precision="fp32")
+    monkeypatch.setattr(runtimes, "RuntimeEncoder", lambda encoder, resolved, threads=None: ("converted", resolved))
+    assert runtimes.with_runtime(lite, "auto") == ("converted", runtimes.AUTO_RUNTIME)

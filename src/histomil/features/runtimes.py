@@ -40,6 +40,7 @@ from histomil.features.encoders import encode_in_batches
 
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 AUTO_RUNTIME = "openvino"  # the fastest fp32 runtime measured on CPU (benchmarks/RESULTS.md)
+AUTO_ENCODERS = ("efficientnet_lite0",)  # the encoders AUTO_RUNTIME was measured to speed up (2.75x); not ViTs
 FEATURE_TOLERANCE = 1e-4  # max |alternative - torch fp32| / max |torch fp32| that the tests hold runtimes to
 _MODULES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}  # onnx: torch's ONNX exporter needs it
 _INSTALL = {"openvino": "pip install 'histomil[cpu]' (or: pip install openvino)", "onnxruntime": "pip install onnxruntime onnx"}
@@ -92,7 +93,14 @@ def resolve_runtime(runtime: str, precision: str, device: str = "cpu") -> str:
 
 
 def with_runtime(encoder: nn.Module, runtime: str = "auto", threads: int | None = None) -> nn.Module:
-    """``encoder`` (a TileEncoder) run by ``runtime``: itself for torch, else a :class:`RuntimeEncoder`."""
+    """``encoder`` (a TileEncoder) run by ``runtime``: itself for torch, else a :class:`RuntimeEncoder`.
+
+    ``auto`` picks an alternative runtime only for the encoders it was measured to speed up
+    (:data:`AUTO_ENCODERS`): for a ViT it gained nothing (OpenVINO 1.03x on ViT-S/16, RESULTS.md
+    section 10) and converting a ViT-L/g would cost minutes and a second copy of its weights.
+    """
+    if runtime == "auto" and getattr(getattr(encoder, "info", None), "name", None) not in AUTO_ENCODERS:
+        runtime = "torch"
     resolved = resolve_runtime(runtime, str(getattr(encoder, "precision", "fp32")), encoder_device(encoder))
     if resolved == "torch":
         return encoder
