@@ -120,7 +120,7 @@ register_preset(Preset(
     timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375, "global_pool": "",
                  "dynamic_img_size": True, "mlp_layer": "swiglu_packed", "act_layer": "silu"},
     input_size=224, resize=224, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    embedding="cls+mean_patch", dim=2560, prefix_tokens=1, licence=_NON_COMMERCIAL, gated=True,
+    embedding="cls+mean_patch", dim=2560, prefix_tokens=1, licence="Apache-2.0", gated=True,
     aliases=("virchow", "virchow1", "virchow_v1", "paige_virchow", "virchow_full"),
 ))
 register_preset(Preset(
