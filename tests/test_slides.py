@@ -310,6 +310,7 @@ def test_tile_slide_writes_h5_previews_and_tile_folder(synth: Path, tmp_path: Pa
         assert a["target_mpp"] == 2.0 and a["slide_mpp"] == pytest.approx(0.25)
         assert a["level0_dim"].tolist() == [SIZE, SIZE] and a["level_dim"].tolist() == [1024, 1024] and a["name"] == "synthetic"
         np.testing.assert_allclose(f["tissue_fraction"][:], plan.tissue_fraction)
+        assert "objective_power" not in f.attrs  # the generic TIFF records none: left out, never NaN
     mask_png = np.asarray(Image.open(tmp_path / "out" / "synthetic_mask.png"))
     np.testing.assert_array_equal(mask_png > 0, plan.mask)
     assert Image.open(tmp_path / "out" / "synthetic_tiles.png").size == (512, 512)

@@ -257,7 +257,6 @@ def _write_tile_folder(
 
 def write_plan(path: Path, plan: TilePlan, slide: Slide) -> None:
     """Write the tile coordinates and their description to ``path`` (HDF5) atomically."""
-    nan = float("nan")
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("coords", data=plan.coords.reshape(-1, 2).astype(np.int64))
         # CLAM-compatible: read_region(coord, patch_level, (patch_size, patch_size)) gives the tile
@@ -271,8 +270,10 @@ def write_plan(path: Path, plan: TilePlan, slide: Slide) -> None:
         ds.attrs["tile_size"] = int(plan.tile_size)
         ds.attrs["read_size"] = int(plan.read_size)
         ds.attrs["level"] = int(plan.level)
-        ds.attrs["target_mpp"] = nan if plan.target_mpp is None else float(plan.target_mpp)
-        ds.attrs["slide_mpp"] = nan if plan.slide_mpp is None else float(plan.slide_mpp)
+        # facts the slide does not record are left out, never written as NaN (other tools' readers choke on it)
+        for key, value in (("target_mpp", plan.target_mpp), ("slide_mpp", plan.slide_mpp)):
+            if value is not None:
+                ds.attrs[key] = float(value)
         ds.attrs["level_dim"] = np.asarray(slide.level_dimensions[plan.level], dtype=np.int64)  # of patch_level
         ds.attrs["level0_dim"] = np.asarray(plan.level0_dims, dtype=np.int64)
         ds.attrs["level_dims"] = np.asarray(slide.level_dimensions, dtype=np.int64)
@@ -282,7 +283,8 @@ def write_plan(path: Path, plan: TilePlan, slide: Slide) -> None:
         f.attrs["slide_name"] = slide.name
         f.attrs["slide_path"] = str(slide.path)
         f.attrs["n_candidates"] = int(plan.n_candidates)
-        f.attrs["objective_power"] = nan if slide.objective_power is None else float(slide.objective_power)
+        if slide.objective_power is not None:
+            f.attrs["objective_power"] = float(slide.objective_power)
         f.attrs["histomil_version"] = __version__
 
 
