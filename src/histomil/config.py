@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Collection, Iterable, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -148,3 +148,22 @@ def changed_settings(model: type[BaseModel], old: Mapping[str, Any], new: Mappin
         return record
 
     return changed_keys(filled(defaults, dict(old)), dict(new))
+
+
+def changed_since_record(
+    path: Path, model: type[BaseModel], new: Mapping[str, Any], resumable: Collection[tuple[str, ...]], unreadable: str
+) -> list[tuple[str, ...]]:
+    """The settings of ``new`` that differ from the config recorded at ``path`` (e.g. a run folder's
+    config.json; none when there is no record yet), leaving out keys at or below a ``resumable`` prefix.
+
+    How ``run`` and ``crossval`` refuse to resume a folder made with other settings. A record that cannot
+    be read is refused with ``unreadable``, formatted with ``path`` and ``exc``."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a mapping")
+    except (OSError, ValueError) as exc:
+        raise HistomilError(unreadable.format(path=path, exc=exc)) from None
+    return [k for k in changed_settings(model, old, new) if not any(k[:i] in resumable for i in range(1, len(k) + 1))]

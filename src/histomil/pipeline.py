@@ -17,7 +17,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from histomil import config
-from histomil.config import changed_settings
+from histomil.config import changed_since_record
 from histomil.data.bags import load_bag_folders
 from histomil.data.compose import (
     StudySpec,
@@ -183,17 +183,9 @@ def run_study(
 def check_resume(out_dir: Path, cfg: StudyRunConfig) -> None:
     """Refuse to continue a run folder made with other settings (its ``config.json``), naming the keys
     that changed; only :data:`RESUMABLE_SETTINGS` may differ. Hardware (``environment.json``) never blocks."""
-    path = out_dir / "config.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(old, dict):
-            raise ValueError("not a mapping")
-    except (OSError, ValueError) as exc:
-        raise HistomilError(f"{path}: not a readable run config ({exc}); use another --out") from None
     now = json.loads(cfg.model_dump_json())
-    changed = [".".join(k) for k in changed_settings(StudyRunConfig, old, now) if k[:2] not in RESUMABLE_SETTINGS]
+    changed = [".".join(k) for k in changed_since_record(out_dir / "config.json", StudyRunConfig, now, RESUMABLE_SETTINGS,
+                                                         "{path}: not a readable run config ({exc}); use another --out")]
     if changed:
         raise HistomilError(
             f"{out_dir}: was made with a different config ({', '.join(changed)} changed);"

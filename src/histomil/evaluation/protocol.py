@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.model_selection import StratifiedGroupKFold
 
 from histomil import config
-from histomil.config import changed_settings
+from histomil.config import changed_since_record
 from histomil.data.compose import (
     SPLITS,
     StudySpec,
@@ -263,16 +263,8 @@ def composed_patients(study_dir: Path) -> dict[str, set[str]]:
 
 
 def _check_resume(out_dir: Path, cfg_json: dict) -> None:
-    path = out_dir / "config.json"
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(old, dict):
-            raise ValueError("not a mapping")
-    except (OSError, ValueError):
-        raise HistomilError(f"{path}: unreadable; not a cross-validation folder, or a damaged one") from None
-    changed = [k for k in changed_settings(CrossValConfig, old, cfg_json) if k[:1] not in _RESUMABLE and k[:2] not in _RESUMABLE]
+    changed = changed_since_record(out_dir / "config.json", CrossValConfig, cfg_json, _RESUMABLE,
+                                   "{path}: unreadable; not a cross-validation folder, or a damaged one")
     if changed:
         raise HistomilError(
             f"{out_dir}: was made with a different config ({'.'.join(changed[0])} changed);"
