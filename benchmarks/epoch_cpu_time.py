@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from histomil.features.store import load_feature_dataset
+from histomil.features.formats import load_feature_dataset
 from histomil.pipeline import load_config
 from histomil.resources import demo_config_path
 from histomil.training.trainer import train

@@ -29,7 +29,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from histomil.data.compose import compose_study, read_tile_table
-from histomil.features.store import FeatureBag, load_feature_dataset
+from histomil.features.formats import load_feature_dataset
+from histomil.features.store import FeatureBag
 from histomil.pipeline import FeatureConfig, extract_study, load_config
 from histomil.resources import demo_config_path
 from histomil.training.checkpoint import load_checkpoint

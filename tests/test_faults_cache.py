@@ -18,7 +18,7 @@ import torch
 from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
 from histomil.features.extract import tile_digests
-from histomil.features.store import load_feature_dataset
+from histomil.features.formats import load_feature_dataset
 
 INFO = {"name": "toy", "input_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "dim": 4, "precision": "fp32"}
 

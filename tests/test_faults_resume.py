@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from histomil.cli import app
 from histomil.errors import HistomilError
 from histomil.features.encoders import ENCODERS, EncoderInfo, TileEncoder
-from histomil.features.store import load_feature_dataset, read_feature_bag, write_feature_bag
+from histomil.features.formats import load_feature_dataset
+from histomil.features.store import read_feature_bag, write_feature_bag
 from histomil.resources import example_tile_table
 from histomil.training.trainer import TrainConfig, train
 
@@ -394,3 +395,27 @@ def test_removed_bags_do_not_stay_beside_the_new_ones(tmp_path: Path):
     cli(*make, "--train-bags", "5", "--overwrite")
     cli(*study_extract)
     assert sorted(p.name for p in (feats / "train").glob("*.h5")) == [f"{i}.h5" for i in range(5)]
+
+
+def test_changed_since_record_names_changes_skips_resumable_and_refuses_unreadable(tmp_path: Path):
+    from pydantic import BaseModel
+
+    from histomil.config import changed_since_record
+
+    class Inner(BaseModel):
+        batch_size: int = 64
+        encoder: str = "a"
+
+    class Cfg(BaseModel):
+        seeds: list[int] = [0]
+        features: Inner = Inner()
+
+    record = tmp_path / "config.json"
+    now = {"seeds": [0, 1], "features": {"batch_size": 8, "encoder": "b"}}
+    assert changed_since_record(record, Cfg, now, {("seeds",)}, "{path}: bad") == []  # nothing recorded yet
+    record.write_text(json.dumps({"seeds": [0], "features": {"batch_size": 64, "encoder": "a"}}))
+    assert changed_since_record(record, Cfg, now, {("seeds",), ("features", "batch_size")}, "{path}: bad") == [("features", "encoder")]
+    assert changed_since_record(record, Cfg, now, set(), "{path}: bad") == [("features", "batch_size"), ("features", "encoder"), ("seeds",)]
+    record.write_text("[1, 2]")
+    with pytest.raises(HistomilError, match=r"config\.json: unreadable \(not a mapping\)"):
+        changed_since_record(record, Cfg, now, set(), "{path}: unreadable ({exc})")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from tiny_runs import TINY_CROSSVAL
 
-from histomil.features.store import load_feature_dataset
+from histomil.features.formats import load_feature_dataset
 from histomil.pipeline import load_config, run_study
 from histomil.resources import example_tile_table
 from histomil.training.checkpoint import load_checkpoint

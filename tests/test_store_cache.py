@@ -8,10 +8,10 @@ import pytest
 
 from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
+from histomil.features.formats import load_feature_dataset
 from histomil.features.store import (
     FeatureBag,
     atomic_write,
-    load_feature_dataset,
     pad_batch,
     read_feature_bag,
     write_feature_bag,

@@ -182,27 +182,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def feature_files(folder: str | Path) -> list[Path]:
-    """The feature files of a feature dataset folder, in a stable order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise HistomilError(f"{folder}: feature folder does not exist")
-    files = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
-    if not files:
-        raise HistomilError(f"{folder}: no feature files (*.h5); run 'histomil features extract' first")
-    return files
-
-
-def load_feature_dataset(folder: str | Path, require_labels: bool = False) -> list[FeatureBag]:
-    """Read every bag of a feature dataset folder into memory."""
-    bags = [read_feature_bag(p) for p in feature_files(folder)]
-    if require_labels:
-        missing = [b.bag_id for b in bags if b.label is None]
-        if missing:
-            raise HistomilError(f"{folder}: {len(missing)} bags have no label (first: {missing[0]})")
-    return bags
-
-
 def pad_batch(bags: Sequence[FeatureBag] | Sequence[np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:  # noqa: F821
     """Stack bags of different sizes into a zero-padded (B, N, D) tensor and a (B, N) bool mask."""
     import torch
