@@ -175,7 +175,7 @@ def test_missing_tile_size_is_asked_for_never_guessed(tmp_path: Path) -> None:
     patches.mkdir()
     (patches / "s.h5").write_bytes((src / "patches" / "CMU-1-Small-Region.h5").read_bytes())
     assert require_geometry(load_any_features(lone, coords_dir=patches))[1] == 256
-    with pytest.raises(HistomilError, match="records tiles of 256 level-0 pixels, --tile-size says 512"):
+    with pytest.raises(HistomilError, match="records tiles of 256 level-0 pixels, --tile-size-level0 says 512"):
         load_any_features(lone, coords_dir=patches, tile_size=512)
     other = tmp_path / "other"
     other.mkdir()

@@ -21,6 +21,7 @@ failed run leaves nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -30,11 +31,12 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import filelock
 import numpy as np
 import pydantic
 from pydantic import field_validator, model_validator
@@ -545,6 +547,38 @@ def compose_study(
     """
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite, table)
+    with _compose_lock(out_dir):
+        remove_compose_leftovers(out_dir)  # a killed compose's temporary folders; no other compose runs now
+        return _compose_locked(table, spec, out_dir, progress, assignment)
+
+
+@contextlib.contextmanager
+def _compose_lock(out_dir: Path) -> Iterator[None]:
+    """One compose into ``out_dir`` at a time (a lock file beside it, released even by kill -9), so the
+    temporary folders a killed compose left can be deleted safely when the next one starts."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(out_dir.parent / f".{out_dir.name}.compose.lock", timeout=0)
+        lock.acquire()
+    except filelock.Timeout:
+        raise HistomilError(
+            f"{out_dir}: another histomil process is composing bags here; wait for it to finish or use another folder"
+        ) from None
+    except OSError as exc:  # a read-only or full disk: name the study folder
+        raise OSError(exc.errno, exc.strerror, str(out_dir)) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _compose_locked(
+    table: TileTable,
+    spec: StudySpec,
+    out_dir: Path,
+    progress: Progress | None,
+    assignment: Mapping[str, str] | None,
+) -> dict[str, Any]:
     if assignment is None:
         assignment = assign_patients(table, spec.split_fractions, spec.seed)
         split_source = "column" if table.splits is not None else "fractions"
@@ -662,7 +696,8 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 def remove_compose_leftovers(out_dir: str | Path) -> list[Path]:
     """Delete the temporary sibling folders (``.<name>.XXXXXXXX.tmp`` / ``.old``) that a killed
     :func:`compose_study` into ``out_dir`` left behind; returns them. Only for a caller that owns
-    ``out_dir``'s parent folder (``run``'s folder): a compose running there now would lose its work."""
+    ``out_dir``'s parent folder (``run``'s folder) or holds the compose lock (:func:`compose_study` does):
+    a compose running there now would lose its work."""
     out_dir = Path(out_dir)
     pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")
     removed = []

@@ -315,7 +315,7 @@ def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, 
         attrs["patch_size_level0"] = size
     elif coords is not None and "tile_size_missing" not in attrs:
         attrs["tile_size_missing"] = (
-            "the file records no tile size; pass --tile-size (level-0 pixels) or the CLAM patches folder (--coords)"
+            "the file records no tile size; pass --tile-size-level0 or the CLAM patches folder (--coords)"
         )
     if coords is not None:
         coords = np.rint(np.asarray(coords, dtype=np.float64)).astype(np.int64)

@@ -75,7 +75,7 @@ def agree_tile_size(path: Path, recorded: int | None, given: int | None) -> int 
     if given is None:
         return recorded
     if recorded is not None and abs(recorded - int(given)) > 1:
-        raise HistomilError(f"{path}: records tiles of {recorded} level-0 pixels, --tile-size says {int(given)}")
+        raise HistomilError(f"{path}: records tiles of {recorded} level-0 pixels, --tile-size-level0 says {int(given)}")
     return recorded if recorded is not None else int(given)
 
 
