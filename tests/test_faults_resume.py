@@ -359,6 +359,41 @@ def test_crossval_refuses_a_changed_tile_table_and_reads_older_configs(tmp_path:
     assert not (out / "seed_0").exists()  # refused before any work
 
 
+def test_crossval_refuses_changed_tile_images_under_an_unchanged_table(tmp_path: Path):
+    from tiny_runs import write_tiny_crossval_config
+
+    from histomil.data.compose import read_tile_table
+    from histomil.evaluation.protocol import load_crossval_config
+
+    config = write_tiny_crossval_config(tmp_path / "cv.yaml")
+    out = tmp_path / "cv"
+    out.mkdir()
+    cfg = load_crossval_config(config)
+    (out / "config.json").write_text(cfg.model_dump_json())
+    c = cfg.columns
+    table = read_tile_table(cfg.tiles, c.path, c.label, c.patient, c.split)
+    # the folder was made when one tile held other pixels: same table, other content digest
+    (out / "inputs.json").write_text(json.dumps({"tile_table_digest": table.digest(), "tile_content_digest": "0" * 64}))
+    message = cli_error("crossval", config, "--out", out)
+    assert "tile images changed" in message and "use another output folder" in message
+    assert not (out / "seed_0").exists()  # refused before any work
+
+
+def test_tile_content_digest_follows_the_tile_bytes(tmp_path: Path):
+    from histomil.data.compose import read_tile_table
+
+    tiles = [tmp_path / f"t{i}.jpg" for i in range(3)]
+    for i, t in enumerate(tiles):
+        t.write_bytes(bytes([i]) * 10)
+    csv_path = tmp_path / "tiles.csv"
+    csv_path.write_text("path,tumor,case_id\n" + "".join(f"{t.name},{i % 2},p{i}\n" for i, t in enumerate(tiles)))
+    before = read_tile_table(csv_path)
+    digest, content = before.digest(), before.content_digest()
+    tiles[1].write_bytes(b"other pixels")
+    after = read_tile_table(csv_path)
+    assert after.digest() == digest and after.content_digest() != content
+
+
 def test_train_pixels_restarts_when_a_tile_changes(tmp_path: Path):
     from histomil.data.bags import load_bag_folders
     from histomil.training.pixels import PixelTrainConfig, train_pixels

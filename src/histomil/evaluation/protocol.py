@@ -273,21 +273,30 @@ def _check_resume(out_dir: Path, cfg_json: dict) -> None:
 
 
 def _check_tile_table(out_dir: Path, table: TileTable) -> None:
-    """Record the tile table's digest (``inputs.json``) and refuse a folder made from another version of
-    the table: finished folds and composed bags would otherwise be mixed with new ones."""
+    """Record the tile table's digest and its tiles' content digest (``inputs.json``) and refuse a folder
+    made from another version of the table or of its tile images: finished folds and composed bags would
+    otherwise be mixed with new ones."""
     path = out_dir / "inputs.json"
+    content, recorded_content = table.content_digest(), None
     if path.exists():
         try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("tile_table_digest")
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            recorded_table, recorded_content = recorded.get("tile_table_digest"), recorded.get("tile_content_digest")
         except (OSError, ValueError, AttributeError):
             raise HistomilError(f"{path}: unreadable; not a cross-validation folder, or a damaged one") from None
-        if recorded != table.digest():
+        if recorded_table != table.digest():
             raise HistomilError(
                 f"{table.source}: the tile table changed (paths, labels, patients or splits) since {out_dir} was made;"
                 " use another output folder, or restore the table to resume"
             )
-    else:
-        write_json(path, {"tile_table": str(table.source), "tile_table_digest": table.digest()})
+        if recorded_content is not None and recorded_content != content:
+            raise HistomilError(
+                f"{table.source}: tile images changed since {out_dir} was made (the table is the same);"
+                " use another output folder, or restore the tiles to resume"
+            )
+    if recorded_content is None:  # new folders, and folders made before contents were recorded gain it now
+        write_json(path, {"tile_table": str(table.source), "tile_table_digest": table.digest(),
+                          "tile_content_digest": content})
 
 
 def _fold_spec(cfg: CrossValConfig, seed: int, **update: Any) -> StudySpec:
