@@ -6,7 +6,8 @@ Layout of one file ``<bag_id>.h5``:
   attribute ``encoder`` (the encoder name).
 * dataset ``tile_paths``: (N,) UTF-8 strings, the tiles' paths as the bag listed them.
 * dataset ``coords`` (optional): (N, 2) int, level-0 top-left tile coordinates for slide bags.
-* file attributes: ``bag_id``, ``label`` (-1 when unknown), ``encoder``, ``input_size``,
+* file attributes: ``bag_id``, ``label`` (-1 when unknown), ``target`` (optional float array: a
+  regression value or a survival (time, event) pair), ``encoder``, ``input_size``,
   ``mean``, ``std`` (normalisation), ``feature_dim``, ``histomil_version``.
 
 A folder of such files, plus optional ``labels.csv`` / ``tiles.csv`` beside them, is a
@@ -40,12 +41,19 @@ class FeatureBag:
     bag_id: str
     features: np.ndarray  # (N, D) float32
     tile_paths: list[str]
-    label: int | None = None
+    label: int | None = None  # class index (classification)
     coords: np.ndarray | None = None  # (N, 2) level-0 pixels, slide bags only
     attrs: dict[str, Any] = field(default_factory=dict)  # encoder name, input size, normalisation
+    # Continuous target: (value,) for regression, (time, event) for survival (histomil.training.tasks).
+    target: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(tiles, feature dim); a lazy bag (:mod:`histomil.features.lazy`) answers without reading its file."""
+        return tuple(self.features.shape)
 
 
 def atomic_path(final: Path) -> Path:
@@ -138,6 +146,8 @@ def write_feature_bag(path: str | Path, bag: FeatureBag) -> None:
             f.create_dataset("coords", data=np.asarray(bag.coords, dtype=np.int64))
         f.attrs["bag_id"] = bag.bag_id
         f.attrs["label"] = -1 if bag.label is None else int(bag.label)
+        if bag.target is not None:
+            f.attrs["target"] = np.asarray(bag.target, dtype=np.float64).reshape(-1)
         f.attrs["feature_dim"] = int(feats.shape[1])
         f.attrs["histomil_version"] = __version__
         for key, value in bag.attrs.items():
@@ -161,6 +171,7 @@ def read_feature_bag(path: str | Path) -> FeatureBag:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({first})") from None
     label = attrs.pop("label", -1)
+    target = attrs.pop("target", None)
     bag_id = str(attrs.pop("bag_id", path.stem))
     return FeatureBag(
         bag_id=bag_id,
@@ -169,6 +180,7 @@ def read_feature_bag(path: str | Path) -> FeatureBag:
         label=None if label is None or int(label) < 0 else int(label),
         coords=coords,
         attrs=attrs,
+        target=None if target is None else tuple(float(v) for v in np.atleast_1d(target)),
     )
 
 

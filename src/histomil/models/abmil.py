@@ -30,8 +30,8 @@ class ABMIL(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
-        if in_dim < 1 or n_classes < 2 or attn_dim < 1 or (embed_dim is not None and embed_dim < 1):
-            raise ValueError("in_dim, embed_dim and attn_dim must be >= 1 and n_classes >= 2")
+        if in_dim < 1 or n_classes < 1 or attn_dim < 1 or (embed_dim is not None and embed_dim < 1):
+            raise ValueError("in_dim, embed_dim and attn_dim must be >= 1 and n_classes (outputs: classes, or 1 for a value or risk) >= 1")
         check_dropout(dropout)
         self.in_dim = in_dim
         self.n_classes = n_classes

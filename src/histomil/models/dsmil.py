@@ -35,8 +35,8 @@ class DSMIL(nn.Module):
         self, in_dim: int, n_classes: int = 2, q_dim: int = 128, v_dim: int | None = None, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if in_dim < 1 or n_classes < 2 or q_dim < 1 or (v_dim is not None and v_dim < 1):
-            raise ValueError("in_dim, q_dim and v_dim must be >= 1 and n_classes >= 2")
+        if in_dim < 1 or n_classes < 1 or q_dim < 1 or (v_dim is not None and v_dim < 1):
+            raise ValueError("in_dim, q_dim and v_dim must be >= 1 and n_classes (outputs: classes, or 1 for a value or risk) >= 1")
         check_dropout(dropout)
         v_dim = in_dim if v_dim is None else v_dim
         self.in_dim, self.n_classes, self.q_dim = in_dim, n_classes, q_dim

@@ -65,8 +65,8 @@ def check_dropout(dropout: float) -> None:
 
 
 def _check_common(in_dim: int, n_classes: int, dropout: float, dims: Sequence[int] = ()) -> None:
-    if in_dim < 1 or n_classes < 2 or any(d < 1 for d in dims):
-        raise ValueError("in_dim and hidden sizes must be >= 1 and n_classes >= 2")
+    if in_dim < 1 or n_classes < 1 or any(d < 1 for d in dims):
+        raise ValueError("in_dim and hidden sizes must be >= 1 and n_classes (outputs: classes, or 1 for a value or risk) >= 1")
     check_dropout(dropout)
 
 

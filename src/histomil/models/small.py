@@ -32,8 +32,8 @@ class SmallABMIL(nn.Module):
     ) -> None:
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
-        if in_dim < 1 or n_classes < 2 or attn_dim < 1 or not hidden or min(hidden) < 1:
-            raise ValueError("in_dim, hidden sizes and attn_dim must be >= 1 and n_classes >= 2")
+        if in_dim < 1 or n_classes < 1 or attn_dim < 1 or not hidden or min(hidden) < 1:
+            raise ValueError("in_dim, hidden sizes and attn_dim must be >= 1 and n_classes (outputs: classes, or 1 for a value or risk) >= 1")
         check_dropout(dropout)
         self.in_dim = in_dim
         self.n_classes = n_classes

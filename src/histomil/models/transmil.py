@@ -161,8 +161,8 @@ class TransMIL(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if in_dim < 1 or n_classes < 2 or dim < 1 or heads < 1 or pinv_iterations < 1:
-            raise ValueError("in_dim, dim, heads and pinv_iterations must be >= 1 and n_classes >= 2")
+        if in_dim < 1 or n_classes < 1 or dim < 1 or heads < 1 or pinv_iterations < 1:
+            raise ValueError("in_dim, dim, heads and pinv_iterations must be >= 1 and n_classes (outputs: classes, or 1 for a value or risk) >= 1")
         check_dropout(dropout)
         if residual_conv_kernel < 0 or (residual_conv_kernel and residual_conv_kernel % 2 == 0):
             raise ValueError(f"residual_conv_kernel must be odd (or 0 for none), got {residual_conv_kernel}")

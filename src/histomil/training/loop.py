@@ -76,8 +76,9 @@ class Trainable:
     """What one trainer gives :func:`run_training`: the trained objects and three callables.
 
     * ``train_epoch()``: one pass over the training bags (updating ``model`` with ``optimizer``,
-      drawing randomness from ``rng`` and torch's RNG) -> ``(train_loss, train_acc)``.
-    * ``validate()``: -> ``(val_loss, val_acc, val_auc)`` on the validation bags.
+      drawing randomness from ``rng`` and torch's RNG) -> ``(train_loss, train_acc)``, or a dict of
+      history columns holding ``train_loss`` (a task's own columns, :mod:`histomil.training.tasks`).
+    * ``validate()``: -> ``(val_loss, val_acc, val_auc)`` on the validation bags, or a dict holding ``val_loss``.
     * ``save_best(path, row)``: write the best checkpoint (model.pt) for the history ``row`` of an
       epoch that improved the monitored metric.
 
@@ -87,8 +88,8 @@ class Trainable:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     rng: np.random.Generator
-    train_epoch: Callable[[], tuple[float, float]]
-    validate: Callable[[], tuple[float, float, float]]
+    train_epoch: Callable[[], tuple[float, float] | dict[str, float]]
+    validate: Callable[[], tuple[float, float, float] | dict[str, float]]
     save_best: Callable[[Path, dict[str, Any]], None]
 
 
@@ -181,16 +182,15 @@ def run_training(
         while state.epoch < config.epochs and not state.stopped:
             epoch = state.epoch + 1
             t0 = time.perf_counter()
-            train_loss, train_acc = run.train_epoch()
-            check_finite(train_loss, epoch, out_dir, config.lr)
-            val_loss, val_acc, val_auc = run.validate()
+            trained = run.train_epoch()
+            trained = trained if isinstance(trained, dict) else dict(zip(("train_loss", "train_acc"), trained))
+            check_finite(trained["train_loss"], epoch, out_dir, config.lr)
+            validated = run.validate()
+            validated = validated if isinstance(validated, dict) else dict(zip(("val_loss", "val_acc", "val_auc"), validated))
             row = {
                 "epoch": epoch,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "val_auc": val_auc,
+                **trained,
+                **validated,
                 "lr": float(run.optimizer.param_groups[0]["lr"]),
                 "seconds": time.perf_counter() - t0,
             }
@@ -226,7 +226,8 @@ def best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bag
         "metrics": dict(row),
         "n_train_bags": len(y_train),
         "n_val_bags": n_val_bags,
-        "train_class_counts": np.bincount(y_train, minlength=n_classes).tolist(),
+        # class counts for class targets (values and (time, event) pairs have none)
+        **({"train_class_counts": np.bincount(y_train, minlength=n_classes).tolist()} if y_train.dtype.kind in "iu" else {}),
     }
 
 
@@ -234,12 +235,14 @@ def best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bag
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
-    """Rewrite history.csv atomically (full float precision, so it reads back exactly)."""
+    """Rewrite history.csv atomically (full float precision, so it reads back exactly). The columns are
+    the rows' own (:data:`HISTORY_COLUMNS` for classification; a task's columns otherwise)."""
+    columns = list(history[0]) if history else HISTORY_COLUMNS
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(HISTORY_COLUMNS)
+        writer.writerow(columns)
         for row in history:
-            writer.writerow([int(row["epoch"])] + [repr(float(row[c])) for c in HISTORY_COLUMNS[1:]])
+            writer.writerow([int(row["epoch"])] + [repr(float(row[c])) for c in columns[1:]])
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -27,7 +27,6 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -38,19 +37,16 @@ from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training.checkpoint_file import save_checkpoint
 from histomil.training.common import (
-    auc,
     bag_loss,
     check_nonempty,
-    count_classes,
-    labelled,
-    labels,
-    monitored_metric,
     parse_config,
     resolve_device,
     takes_labels,
     torch_threads,
 )
 from histomil.training.loop import HISTORY_COLUMNS, STATE_FORMAT, RunResult, Trainable, best_extra, run_training
+from histomil.training.task_base import Task, model_objectives
+from histomil.training.tasks import TASK_NAMES, build_task
 
 # Re-exported: these were defined here before the shared loop and are imported from here elsewhere.
 __all__ = [
@@ -69,7 +65,12 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(1, ge=1)  # bags per optimizer step; >1 pads with masks
     max_instances: int | None = Field(None, ge=1)  # random tile sub-sampling of larger bags (training only)
-    monitor: Literal["val_loss", "val_auc"] = "val_loss"
+    # What a bag's target is (histomil.training.tasks): a class, a continuous value or (time, event).
+    task: Literal["classification", "regression", "survival"] = "classification"
+    loss: str | None = None  # the task's loss (None: its default; regression: mse or huber)
+    task_options: dict[str, Any] = Field(default_factory=dict)  # task-specific, e.g. {"huber_delta": 0.5}
+    # val_loss, or a higher-is-better score of the task (classification val_auc; regression val_r2, ...)
+    monitor: str = "val_loss"
     patience: int = Field(10, ge=1)
     min_epochs: int = Field(10, ge=0)  # early stopping never triggers before this epoch
     seed: int = 0
@@ -87,6 +88,12 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     @classmethod
     def _known_model(cls, name: str) -> str:
         return one_of(name, model_names(), "model")  # when the config is read, not after features are extracted
+
+    @pydantic.model_validator(mode="after")
+    def _known_task_options(self) -> TrainConfig:
+        assert self.task in TASK_NAMES
+        build_task(self).check_monitor(self.monitor)  # loss, options and monitor checked when the config is read
+        return self
 
     @classmethod
     def parse(cls, data: dict[str, Any], source: str = "training config") -> TrainConfig:
@@ -116,32 +123,31 @@ def train(
     plus ``best_epoch`` and ``improved``. ``resume=True`` continues from ``out_dir/last.pt`` when it
     exists (and starts afresh when it does not); a finished run is returned as is.
     """
-    in_dim, n_classes = _check_bags(train_bags, val_bags)
+    in_dim = _check_bags(train_bags, val_bags)
     encoder_info = _normalise_encoder_info(encoder_info) if encoder_info is not None else _encoder_info_from(train_bags, val_bags)
-    y_train, y_val = labels(train_bags), labels(val_bags)
-    monitor = monitored_metric(config.monitor, y_val)
+    task = build_task(config)
+    y_train, y_val = task.targets(train_bags, "training"), task.targets(val_bags, "validation")
+    task.fit(y_train, y_val)
+    n_classes = task.output_size()  # the model's outputs per bag: classes, 1 value, 1 risk or time bins
+    monitor = task.monitor(config.monitor, y_val)
     device = resolve_device(config.device)
 
     def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_model(config.model, in_dim, n_classes, **config.model_kwargs).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         rng = np.random.default_rng(config.seed)
-        weight = None
-        if config.class_weights:
-            counts = np.bincount(y_train, minlength=n_classes)
-            weight = torch.tensor(len(y_train) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
         train_x = [_as_tensor(b.features) for b in train_bags]
         val_x = [_as_tensor(b.features) for b in val_bags]
-        y_train_t = torch.from_numpy(y_train).to(device)
 
         def save_best(path: Path, row: dict[str, Any]) -> None:
+            extra = {**best_extra(row, monitor, y_train, len(val_bags), n_classes), "task": task.state()}
             save_checkpoint(path, model, config.model, config.model_kwargs, n_classes, encoder_info, config,
-                            extra=best_extra(row, monitor, y_train, len(val_bags), n_classes), in_dim=in_dim)
+                            extra=extra, in_dim=in_dim)
 
         return Trainable(
             model, optimizer, rng,
-            train_epoch=lambda: train_epoch(model, optimizer, train_x, y_train_t, config, rng, weight, device),
-            validate=lambda: validation_metrics(model, val_x, y_val, n_classes, device),
+            train_epoch=lambda: train_epoch(model, optimizer, train_x, y_train, config, rng, task, device),
+            validate=lambda: validation_metrics(model, val_x, y_val, task, device),
             save_best=save_best,
         )
 
@@ -157,8 +163,10 @@ def predict(
     bags: Sequence[FeatureBag] | Sequence[np.ndarray],
     batch_size: int = 16,
     precision: str = "fp32",
+    task: Task | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Class probabilities and tile attention for each bag, in input order.
+    """Class probabilities (or, for another ``task``, its :meth:`Task.predict` row: a value, a risk) and
+    tile attention for each bag, in input order.
 
     Runs in eval mode without gradients, in padded batches of similar-size bags. Each attention
     array has the bag's real length (n_tiles,); models without attention give NaNs.
@@ -184,7 +192,7 @@ def predict(
         model.train(was_training)
     results = []
     for (logits, attention), f in zip(outputs, feats):
-        probs = torch.softmax(logits.double(), dim=-1).numpy()
+        probs = task.predict(logits.unsqueeze(0))[0] if task is not None else torch.softmax(logits.double(), dim=-1).numpy()
         att = attention.numpy() if attention is not None else np.full(f.shape[0], np.nan, dtype=np.float32)
         results.append((probs, att))
     return results
@@ -197,23 +205,24 @@ def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     feats: list[torch.Tensor],
-    y: torch.Tensor,
+    y_train: np.ndarray,
     config: TrainConfig,
     rng: np.random.Generator,
-    weight: torch.Tensor | None,
+    task: Task,
     device: torch.device,
-) -> tuple[float, float]:
-    """One pass over the training bags -> ``(mean train loss, train accuracy)``.
+) -> dict[str, float]:
+    """One pass over the training bags -> ``{"train_loss": mean loss, **task.train_metrics}``.
 
     Bags in an order drawn from ``rng``, ``config.batch_size`` bags (zero-padded, masked) per
-    optimizer step; bags above ``config.max_instances`` tiles are sub-sampled with ``rng``.
-    ``weight``: per-class loss weights or None.
+    optimizer step; bags above ``config.max_instances`` tiles are sub-sampled with ``rng``. The
+    loss of a step is ``task.loss`` on its bags plus the model's own objectives (:func:`model_objectives`).
     """
     model.train()
-    labels_in = takes_labels(model)
+    labels_in = takes_labels(model) and task.feeds_labels
+    y = task.target_tensor(y_train, device)
     order = rng.permutation(len(feats))
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    outputs = []
     for start in range(0, len(order), config.batch_size):
         idx = order[start : start + config.batch_size]
         batch = []
@@ -226,26 +235,25 @@ def train_epoch(
         x, mask = _collate(batch, device)
         target = y[torch.from_numpy(idx).to(device)]
         out = model(x, mask, y=target) if labels_in else model(x, mask)
-        loss = bag_loss(out, target, weight, config.label_smoothing)
+        loss = model_objectives(out, task.loss(out.logits, target))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total_loss += loss.detach().double() * len(idx)
-        correct += (out.logits.detach().argmax(dim=-1) == target).sum()
-    return float(total_loss) / len(feats), float(correct) / len(feats)
+        outputs.append(out.logits.detach().double())
+    epoch_logits = torch.cat(outputs)  # in the epoch's bag order
+    return {"train_loss": float(total_loss) / len(feats), **task.train_metrics(epoch_logits, y_train[order])}
 
 
 @torch.no_grad()
 def validation_metrics(
-    model: nn.Module, feats: list[torch.Tensor], y: np.ndarray, n_classes: int, device: torch.device
-) -> tuple[float, float, float]:
-    """``(loss, accuracy, AUC)`` of the model (in eval mode) on the bags ``feats`` with labels ``y``."""
+    model: nn.Module, feats: list[torch.Tensor], y: np.ndarray, task: Task, device: torch.device
+) -> dict[str, float]:
+    """The task's validation columns (``val_loss``, classification ``val_acc`` and ``val_auc``, ...) of the
+    model (in eval mode) on the bags ``feats`` with targets ``y``."""
     model.eval()
     logits = torch.stack([lg for lg, _ in _forward_all(model, feats, 16, device)]).double()
-    target = torch.from_numpy(y)
-    loss = float(F.cross_entropy(logits, target))
-    acc = float((logits.argmax(dim=-1) == target).double().mean())
-    return loss, acc, auc(y, torch.softmax(logits, dim=-1).numpy(), n_classes)
+    return task.validation_metrics(logits, y)
 
 
 # --- batching ----------------------------------------------------------------------------
@@ -301,11 +309,11 @@ def _forward_all(
 # --- checks, state, files ----------------------------------------------------------------
 
 
-def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> tuple[int, int]:
-    """Validate the bags; returns (feature dim, number of classes)."""
+def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> int:
+    """Validate the bags' features (their targets are the task's to check); returns the feature dim."""
     check_nonempty(train_bags, val_bags)
     dim = None
-    for split, b in labelled(train_bags, val_bags):
+    for split, b in [("training", b) for b in train_bags] + [("validation", b) for b in val_bags]:
         f = b.features
         if f.ndim != 2 or f.shape[0] == 0:
             raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles (features shape {f.shape})")
@@ -317,7 +325,7 @@ def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]
             )
         if not np.isfinite(f).all():
             raise HistomilError(f"{split} bag {b.bag_id!r} has NaN or infinite features")
-    return int(dim), count_classes(train_bags, val_bags)  # type: ignore[arg-type]
+    return int(dim)  # type: ignore[arg-type]
 
 
 def _encoder_info_from(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> dict[str, Any] | None:
@@ -349,6 +357,7 @@ def _fingerprint(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag
     h = hashlib.sha256()
     for split, bags in (("train", train_bags), ("val", val_bags)):
         for b in bags:
-            h.update(f"{split}|{b.bag_id}|{b.label}|{b.features.shape}\n".encode())
+            target = "" if b.target is None else f"|{b.target}"  # regression / survival targets (none before tasks)
+            h.update(f"{split}|{b.bag_id}|{b.label}{target}|{b.features.shape}\n".encode())
             h.update(np.ascontiguousarray(b.features, dtype=np.float32).data)
     return h.hexdigest()

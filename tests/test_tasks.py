@@ -1,0 +1,140 @@
+"""The task interface: targets checked per task, regression metrics on a hand-computed example, and
+regression / three-class models trained through the one trainer beating stated bars."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from histomil.errors import HistomilError
+from histomil.features.store import FeatureBag, read_feature_bag, write_feature_bag
+from histomil.training.checkpoint import load_checkpoint
+from histomil.training.tasks import (
+    ClassificationTask,
+    RegressionTask,
+    build_task,
+    regression_scores,
+    task_from_checkpoint,
+)
+from histomil.training.trainer import TrainConfig, predict, train
+
+D = 8
+
+
+def _fraction_bags(n: int, seed: int, n_tiles: int = 20) -> list[FeatureBag]:
+    """Bags whose target is the fraction of 'tumour' tiles (shifted by +3 on feature 0)."""
+    rng = np.random.default_rng(seed)
+    bags = []
+    for i in range(n):
+        w = int(rng.integers(0, n_tiles + 1))
+        x = rng.normal(size=(n_tiles, D)).astype(np.float32)
+        x[:w, 0] += 3.0
+        bags.append(FeatureBag(f"b{seed}_{i}", x, [str(t) for t in range(n_tiles)], target=(w / n_tiles,)))
+    return bags
+
+
+def test_regression_scores_hand_computed() -> None:
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    pred = np.array([1.5, 2.0, 2.5, 5.0])
+    s = regression_scores(y, pred)
+    # errors 0.5, 0, -0.5, 1 -> MAE 0.5, MSE 1.5/4, SS_tot 5 -> R² = 1 - 1.5/5
+    assert s["mae"] == pytest.approx(0.5)
+    assert s["rmse"] == pytest.approx(math.sqrt(0.375))
+    assert s["r2"] == pytest.approx(0.7)
+    assert s["spearman"] == pytest.approx(1.0)  # same order
+    # Pearson by hand: centred y (-1.5, -.5, .5, 1.5), centred pred (mean 2.75: -1.25, -.75, -.25, 2.25)
+    cov = 1.875 + 0.375 - 0.125 + 3.375
+    assert s["pearson"] == pytest.approx(cov / math.sqrt(5.0 * (1.5625 + 0.5625 + 0.0625 + 5.0625)))
+    constant = regression_scores(y, np.full(4, 2.5))
+    assert math.isnan(constant["pearson"]) and constant["r2"] == pytest.approx(-0.0)
+
+
+def test_targets_of_the_wrong_kind_are_one_line_errors() -> None:
+    x = np.zeros((2, D), np.float32)
+    classed = FeatureBag("c", x, ["a", "b"], label=1)
+    valued = FeatureBag("v", x, ["a", "b"], target=(0.3,))
+    pair = FeatureBag("p", x, ["a", "b"], target=(5.0, 1.0))
+    with pytest.raises(HistomilError, match=r"training bag 'c' has no regression target \(it has a class label only"):
+        RegressionTask().targets([classed], "training")
+    with pytest.raises(HistomilError, match=r"'p' has target \(5.0, 1.0\), not one value"):
+        RegressionTask().targets([pair], "training")
+    with pytest.raises(HistomilError, match=r"'v' has no label \(it has a continuous target"):
+        ClassificationTask().targets([valued], "validation")
+    with pytest.raises(HistomilError, match="non-finite"):
+        RegressionTask().targets([FeatureBag("n", x, ["a", "b"], target=(float("nan"),))], "training")
+    with pytest.raises(HistomilError, match="all have target 0.3"):
+        RegressionTask().fit(np.array([0.3, 0.3], np.float32))
+
+
+def test_config_refuses_unknown_losses_options_and_monitors() -> None:
+    assert build_task(TrainConfig(task="regression", loss="huber")).loss_name == "huber"
+    for data, msg in [
+        ({"task": "regression", "loss": "cross_entropy"}, "unknown loss 'cross_entropy'"),
+        ({"task": "regression", "monitor": "val_auc"}, "cannot monitor 'val_auc'"),
+        ({"task": "classification", "task_options": {"huber_delta": 1}}, "unknown task option"),
+        ({"task": "regression", "class_weights": True}, "classification only"),
+        ({"task": "ranking"}, "task"),
+    ]:
+        with pytest.raises(HistomilError, match=msg):
+            TrainConfig.parse(data)
+
+
+def test_target_round_trips_through_feature_files(tmp_path) -> None:
+    bag = FeatureBag("t", np.ones((2, D), np.float32), ["a", "b"], target=(12.5, 0.0))
+    write_feature_bag(tmp_path / "t.h5", bag)
+    back = read_feature_bag(tmp_path / "t.h5")
+    assert back.target == (12.5, 0.0) and back.label is None and "target" not in back.attrs
+    write_feature_bag(tmp_path / "c.h5", FeatureBag("c", np.ones((2, D), np.float32), ["a", "b"], label=2))
+    assert read_feature_bag(tmp_path / "c.h5").target is None
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber"])
+def test_regression_learns_the_tumour_fraction(tmp_path, loss: str) -> None:
+    train_bags, val_bags, test_bags = _fraction_bags(120, 0), _fraction_bags(30, 1), _fraction_bags(60, 2)
+    cfg = TrainConfig(task="regression", loss=loss, model="abmil", epochs=25, min_epochs=25, lr=2e-3, seed=0,
+                      monitor="val_spearman")
+    result = train(train_bags, val_bags, cfg, tmp_path / loss)
+    with open(result.history_path) as fh:
+        header = next(csv.reader(fh))
+    assert header[:3] == ["epoch", "train_loss", "train_mae"] and "val_spearman" in header and "val_acc" not in header
+    model, meta = load_checkpoint(result.model_path)
+    task = task_from_checkpoint(meta)
+    assert isinstance(task, RegressionTask) and task.output_size() == 1 and task.loss_name == loss
+    preds = np.array([p[0] for p, _ in predict(model, test_bags, task=task)])
+    y = np.array([b.target[0] for b in test_bags])
+    scores = regression_scores(y, preds)
+    assert scores["spearman"] > 0.9, scores
+    assert scores["mae"] < 0.1, scores  # in the target's own units (a fraction), not standardised
+
+
+def test_three_classes_train_and_predict_probabilities(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+
+    def bags(n: int, tag: str) -> list[FeatureBag]:
+        out = []
+        for i in range(n):
+            c = i % 3
+            x = rng.normal(size=(10, D)).astype(np.float32)
+            x[:3, c] += 3.0  # three tiles carry the class
+            out.append(FeatureBag(f"{tag}{i}", x, [str(t) for t in range(10)], label=c))
+        return out
+
+    result = train(bags(60, "t"), bags(30, "v"), TrainConfig(epochs=15, min_epochs=15, lr=2e-3), tmp_path)
+    model, meta = load_checkpoint(result.model_path)
+    task = task_from_checkpoint(meta)
+    assert task.prediction_columns() == ["prob_0", "prob_1", "prob_2"]
+    test = bags(30, "x")
+    probs = np.array([p for p, _ in predict(model, test, task=task)])
+    assert probs.shape == (30, 3) and np.allclose(probs.sum(axis=1), 1.0)
+    assert (probs.argmax(axis=1) == [b.label for b in test]).mean() >= 0.9
+    assert result.best_metrics["val_auc"] > 0.95
+
+
+def test_checkpoints_from_before_tasks_are_classifiers() -> None:
+    task = task_from_checkpoint({"n_classes": 4})
+    assert isinstance(task, ClassificationTask) and task.output_size() == 4
+    np.testing.assert_allclose(task.predict(torch.zeros(1, 4)), [[0.25] * 4])
