@@ -102,6 +102,9 @@ class Task(ABC):
         """The metric early stopping watches: ``val_loss`` or one of ``scores`` (checked already)."""
         return requested
 
+    def check_batch_size(self, batch_size: int) -> None:
+        """Refuse a number of bags per optimizer step the loss cannot learn from (the Cox loss needs 2+)."""
+
     def check_monitor(self, requested: str) -> str:
         """``requested`` if this task can monitor it, else one error line."""
         allowed = ("val_loss", *self.scores)

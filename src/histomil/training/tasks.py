@@ -27,6 +27,7 @@ from scipy import stats
 
 from histomil.errors import HistomilError
 from histomil.training.common import auc, monitored_metric
+from histomil.training.survival_task import SurvivalTask
 from histomil.training.task_base import Task, bag_name
 
 TASK_NAMES = ("classification", "regression", "survival")
@@ -175,7 +176,7 @@ def _single_value(bag: Any, index: int, split: str) -> float:
     return float(values[0])
 
 
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regression": RegressionTask}
+TASKS: dict[str, type[Task]] = {"classification": ClassificationTask, "regression": RegressionTask, "survival": SurvivalTask}
 
 
 def task_class(name: str) -> type[Task]:
@@ -197,7 +198,9 @@ def build_task(config: Any) -> Task:
         options.setdefault("class_weights", bool(getattr(config, "class_weights", False)))
     elif getattr(config, "class_weights", False):
         raise HistomilError(f"task {name}: class_weights applies to classification only")
-    return task_class(name)(getattr(config, "loss", None), options)
+    task = task_class(name)(getattr(config, "loss", None), options)
+    task.check_batch_size(int(getattr(config, "batch_size", 1)))
+    return task
 
 
 def task_from_state(state: dict[str, Any]) -> Task:

@@ -1,0 +1,112 @@
+"""The survival task through the one trainer: targets checked, Cox and discrete-time models learn a
+hazard carried by the number of 'tumour' tiles, checkpoints predict risks, batches of one refused."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from histomil.errors import HistomilError
+from histomil.evaluation.survival import cindex_harrell, survival_targets
+from histomil.features.store import FeatureBag
+from histomil.training.checkpoint import load_checkpoint
+from histomil.training.survival_task import SurvivalTask
+from histomil.training.tasks import build_task, task_from_checkpoint
+from histomil.training.trainer import TrainConfig, predict, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D = 8
+N_TILES = 20
+
+
+def _cohort(n: int, seed: int, beta: float = 3.0) -> tuple[list[FeatureBag], np.ndarray]:
+    """Bags whose hazard is exp(beta * W / N_TILES), W tiles shifted by +3 on feature 0; ~30% censored.
+    Returns the bags and their true log hazards (the oracle risk)."""
+    rng = np.random.default_rng(seed)
+    bags, true = [], []
+    for i in range(n):
+        w = int(rng.integers(0, N_TILES + 1))
+        x = rng.normal(size=(N_TILES, D)).astype(np.float32)
+        x[:w, 0] += 3.0
+        log_h = beta * w / N_TILES
+        t_event = rng.exponential(1.0 / np.exp(log_h))
+        t_cens = rng.exponential(1.0 / 1.0)
+        bags.append(FeatureBag(f"s{seed}_{i}", x, [str(t) for t in range(N_TILES)],
+                               target=(float(min(t_event, t_cens)), float(t_event <= t_cens))))
+        true.append(log_h)
+    return bags, np.asarray(true)
+
+
+def _cindex(bags: list[FeatureBag], risk: np.ndarray) -> float:
+    y = np.array([b.target for b in bags])
+    return cindex_harrell(survival_targets(y[:, 0], y[:, 1]), risk)
+
+
+def test_survival_targets_are_checked() -> None:
+    x = np.zeros((2, D), np.float32)
+    task = SurvivalTask()
+    assert task.targets([FeatureBag("a", x, ["1", "2"], target=(3.0, 1.0))], "training").tolist() == [[3.0, 1.0]]
+    for bag, msg in [
+        (FeatureBag("c", x, ["1", "2"], label=1), r"'c' has no survival target \(time, event\) \(it has a class label"),
+        (FeatureBag("v", x, ["1", "2"], target=(0.4,)), r"'v' has target \(0.4,\), not \(time, event\)"),
+        (FeatureBag("z", x, ["1", "2"], target=(0.0, 1.0)), "survival time 0.0; times must be above 0"),
+        (FeatureBag("e", x, ["1", "2"], target=(2.0, 0.5)), "event 0.5"),
+    ]:
+        with pytest.raises(HistomilError, match=msg):
+            task.targets([bag], "validation")
+    with pytest.raises(HistomilError, match="no event"):
+        task.fit(np.array([[1.0, 0.0], [2.0, 0.0]], np.float32))
+
+
+def test_config_refuses_a_cox_batch_of_one_and_misplaced_options() -> None:
+    with pytest.raises(HistomilError, match="batch_size 1 is too small"):
+        TrainConfig.parse({"task": "survival"})
+    assert build_task(TrainConfig(task="survival", batch_size=16, monitor="val_cindex")).output_size() == 1
+    assert TrainConfig(task="survival", loss="discrete", task_options={"n_bins": 6}).batch_size == 1  # no risk set needed
+    for data, msg in [
+        ({"task": "survival", "batch_size": 8, "task_options": {"n_bins": 4}}, "n_bins applies to the discrete loss"),
+        ({"task": "survival", "batch_size": 8, "task_options": {"ties": "exact"}}, "ties must be"),
+        ({"task": "survival", "batch_size": 8, "monitor": "val_auc"}, "cannot monitor 'val_auc'"),
+    ]:
+        with pytest.raises(HistomilError, match=msg):
+            TrainConfig.parse(data)
+
+
+@pytest.mark.parametrize("loss", ["cox", "discrete"])
+def test_survival_model_learns_the_hazard(tmp_path, loss: str) -> None:
+    (train_bags, _), (val_bags, _), (test_bags, oracle) = _cohort(160, 0), _cohort(60, 1), _cohort(150, 2)
+    options = {"n_bins": 4} if loss == "discrete" else {}
+    cfg = TrainConfig(task="survival", loss=loss, task_options=options, model="abmil", epochs=20, min_epochs=20,
+                      lr=2e-3, batch_size=16, seed=0, monitor="val_cindex")
+    result = train(train_bags, val_bags, cfg, tmp_path / loss)
+    with open(result.history_path) as fh:
+        header = next(csv.reader(fh))
+    assert header[:3] == ["epoch", "train_loss", "train_cindex"] and "val_cindex" in header
+    model, meta = load_checkpoint(result.model_path)
+    task = task_from_checkpoint(meta)
+    assert isinstance(task, SurvivalTask) and task.loss_name == loss
+    preds = np.array([p for p, _ in predict(model, test_bags, task=task)])
+    assert preds.shape == (150, len(task.prediction_columns()))
+    model_c, oracle_c = _cindex(test_bags, preds[:, 0]), _cindex(test_bags, oracle)
+    assert oracle_c > 0.7  # the cohort has signal to find
+    # the discrete head (4 free hazards) overfits these 160 bags sooner: its validation c-index peaks in the first
+    # epochs (0.73) and settles near 0.67; the Cox head stays within 0.05 of the oracle
+    assert model_c > oracle_c - (0.05 if loss == "cox" else 0.1), (model_c, oracle_c)
+    if loss == "discrete":
+        assert len(meta["task"]["fitted"]["edges"]) == 3
+        surv = preds[:, 1:]
+        assert np.all(np.diff(surv, axis=1) <= 1e-12) and np.all((surv >= 0) & (surv <= 1))
+
+
+def test_survival_loss_on_validation_matches_cox_partial_likelihood() -> None:
+    task = SurvivalTask()
+    logits = torch.tensor([[0.0], [float(np.log(2.0))], [0.0]], dtype=torch.float64)
+    y = np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 0.0]], np.float32)
+    m = task.validation_metrics(logits, y)
+    assert m["val_loss"] == pytest.approx(np.log(5) / 2)  # Efron, as in test_survival_losses
+    # comparable pairs: bag 1 vs 3 (risk tie, 1/2) and bag 2 vs 3 (concordant); the tied events are not
+    assert m["val_cindex"] == pytest.approx(0.75)
