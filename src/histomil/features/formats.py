@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,6 +377,7 @@ def load_features_folder(
     *,
     tile_size: int | None = None,
     coords_dir: str | Path | None = None,
+    read: Callable[..., FeatureBag] | None = None,
 ) -> list[FeatureBag]:
     """Every feature file of ``folder`` (any supported layout) as a bag labelled from ``case,y_true``.
 
@@ -385,9 +386,12 @@ def load_features_folder(
     label it stores, which must agree with the CSV. Every case of the CSV must have a file; with
     ``require_labels`` every file must have a label. All bags must have the same feature dimension and
     encoder. ``mpp`` (one value or case -> value), ``tile_size`` and ``coords_dir``: see
-    :func:`load_any_features`.
+    :func:`load_any_features`. ``read``: how one file becomes a bag (default :func:`load_any_features`;
+    :func:`histomil.features.lazy.scan_feature_bag` keeps the features in the file).
     """
     from histomil.data.bags import LABEL_FILES, read_labels_csv
+
+    read = read or load_any_features
 
     folder = Path(folder)
     files = feature_files_any(folder)
@@ -404,7 +408,7 @@ def load_features_folder(
     bags = []
     for p in files:
         case_mpp = mpp.get(p.stem) if isinstance(mpp, Mapping) else mpp
-        bag = load_any_features(p, mpp=case_mpp, tile_size=tile_size, coords_dir=coords_dir)
+        bag = read(p, mpp=case_mpp, tile_size=tile_size, coords_dir=coords_dir)
         if p.stem in labels:
             if bag.label is not None and bag.label != labels[p.stem]:
                 raise HistomilError(f"{p}: stores label {bag.label}, {csv_path} says {labels[p.stem]}; "
@@ -431,11 +435,11 @@ def load_feature_dataset(folder: str | Path, require_labels: bool = False, **opt
 def _check_consistent(bags: list[FeatureBag]) -> None:
     """One feature dimension and one encoder (canonical name) across a folder; the odd file is named."""
     first = bags[0]
-    odd = next((b for b in bags if b.features.shape[1] != first.features.shape[1]), None)
+    odd = next((b for b in bags if b.shape[1] != first.shape[1]), None)
     if odd is not None:
         raise HistomilError(
-            f"{odd.attrs['source_file']}: {odd.features.shape[1]}-d features, but {first.attrs['source_file']} has "
-            f"{first.features.shape[1]}-d; features from different encoders cannot be mixed"
+            f"{odd.attrs['source_file']}: {odd.shape[1]}-d features, but {first.attrs['source_file']} has "
+            f"{first.shape[1]}-d; features from different encoders cannot be mixed"
         )
     named = [b for b in bags if b.attrs.get("encoder_canonical")]
     odd = next((b for b in named if b.attrs["encoder_canonical"] != named[0].attrs["encoder_canonical"]), None)

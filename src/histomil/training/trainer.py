@@ -32,9 +32,11 @@ from torch import nn
 
 from histomil.config import one_of
 from histomil.errors import HistomilError
+from histomil.features.lazy import LazyFeatureBag, features_digest
 from histomil.features.store import FeatureBag
 from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
+from histomil.training import distributed
 from histomil.training.checkpoint_file import save_checkpoint
 from histomil.training.common import (
     bag_loss,
@@ -45,6 +47,7 @@ from histomil.training.common import (
     torch_threads,
 )
 from histomil.training.loop import HISTORY_COLUMNS, STATE_FORMAT, RunResult, Trainable, best_extra, run_training
+from histomil.training.streaming import bag_lengths, bag_tensors, draw_tile_subsets
 from histomil.training.task_base import Task, model_objectives
 from histomil.training.tasks import TASK_NAMES, build_task
 
@@ -136,8 +139,8 @@ def train(
         model = build_model(config.model, in_dim, n_classes, **config.model_kwargs).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         rng = np.random.default_rng(config.seed)
-        train_x = [_as_tensor(b.features) for b in train_bags]
-        val_x = [_as_tensor(b.features) for b in val_bags]
+        train_x, val_x = bag_tensors(train_bags), bag_tensors(val_bags)  # streamed from files for lazy bags
+        train_model = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
 
         def save_best(path: Path, row: dict[str, Any]) -> None:
             extra = {**best_extra(row, monitor, y_train, len(val_bags), n_classes), "task": task.state()}
@@ -146,7 +149,7 @@ def train(
 
         return Trainable(
             model, optimizer, rng,
-            train_epoch=lambda: train_epoch(model, optimizer, train_x, y_train, config, rng, task, device),
+            train_epoch=lambda: train_epoch(train_model, optimizer, train_x, y_train, config, rng, task, device),
             validate=lambda: validation_metrics(model, val_x, y_val, task, device),
             save_best=save_best,
         )
@@ -216,11 +219,21 @@ def train_epoch(
     Bags in an order drawn from ``rng``, ``config.batch_size`` bags (zero-padded, masked) per
     optimizer step; bags above ``config.max_instances`` tiles are sub-sampled with ``rng``. The
     loss of a step is ``task.loss`` on its bags plus the model's own objectives (:func:`model_objectives`).
+    Under torchrun (``model`` in DistributedDataParallel) every rank draws the same order and tile
+    subsets and trains on its share of the order (:func:`distributed.shard_indices`), so R ranks with
+    ``batch_size`` b take the steps one process takes with ``batch_size`` R x b; loss and metrics are
+    over all ranks' bags. Streamed bags (:class:`~histomil.training.streaming.BagTensors`) are read ahead
+    in the epoch's order.
     """
     model.train()
-    labels_in = takes_labels(model) and task.feeds_labels
+    labels_in = takes_labels(distributed.unwrap_model(model)) and task.feeds_labels
     y = task.target_tensor(y_train, device)
     order = rng.permutation(len(feats))
+    subsets = draw_tile_subsets(order, bag_lengths(feats), config.max_instances, rng)  # the same draws on every rank
+    here = distributed.world()
+    order = order[distributed.shard_indices(len(order), here.rank, here.world_size)] if distributed.active() else order
+    if hasattr(feats, "plan"):
+        feats.plan(order)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     outputs = []
     for start in range(0, len(order), config.batch_size):
@@ -228,9 +241,8 @@ def train_epoch(
         batch = []
         for i in idx:
             f = feats[i]
-            if config.max_instances is not None and f.shape[0] > config.max_instances:
-                keep = np.sort(rng.choice(f.shape[0], config.max_instances, replace=False))
-                f = f[torch.from_numpy(keep)]
+            if i in subsets:
+                f = f[torch.from_numpy(subsets[i])]
             batch.append(f)
         x, mask = _collate(batch, device)
         target = y[torch.from_numpy(idx).to(device)]
@@ -242,7 +254,11 @@ def train_epoch(
         total_loss += loss.detach().double() * len(idx)
         outputs.append(out.logits.detach().double())
     epoch_logits = torch.cat(outputs)  # in the epoch's bag order
-    return {"train_loss": float(total_loss) / len(feats), **task.train_metrics(epoch_logits, y_train[order])}
+    if distributed.active():  # every rank's bags, in rank order
+        total_loss = distributed.all_reduce_sum(total_loss)
+        parts = distributed.all_gather((epoch_logits.cpu(), order))
+        epoch_logits, order = torch.cat([lg for lg, _ in parts]), np.concatenate([o for _, o in parts])
+    return {"train_loss": float(total_loss) / len(order), **task.train_metrics(epoch_logits, y_train[order])}
 
 
 @torch.no_grad()
@@ -287,13 +303,16 @@ def _forward_all(
     Sorting by length keeps padding small; ``max_padded_tiles`` bounds B * N_max so a few huge
     slide bags do not blow up memory.
     """
-    order = sorted(range(len(feats)), key=lambda i: feats[i].shape[0])
+    lengths = bag_lengths(feats)  # streamed bags know theirs without being read
+    order = sorted(range(len(feats)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     for i in order:  # ascending length, so the newest bag sets N_max of its batch
-        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * feats[i].shape[0] <= max_padded_tiles:
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[i] <= max_padded_tiles:
             batches[-1].append(i)
         else:
             batches.append([i])
+    if hasattr(feats, "plan"):
+        feats.plan([i for batch in batches for i in batch])
     results: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(feats)
     for batch in batches:
         x, mask = _collate([feats[i] for i in batch], device)
@@ -301,7 +320,7 @@ def _forward_all(
         logits = out.logits.float().cpu()
         attention = out.attention.float().cpu() if out.attention is not None else None
         for j, i in enumerate(batch):
-            att = attention[j, : feats[i].shape[0]].clone() if attention is not None else None
+            att = attention[j, : lengths[i]].clone() if attention is not None else None
             results[i] = (logits[j], att)
     return results  # type: ignore[return-value]
 
@@ -314,16 +333,16 @@ def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]
     check_nonempty(train_bags, val_bags)
     dim = None
     for split, b in [("training", b) for b in train_bags] + [("validation", b) for b in val_bags]:
-        f = b.features
-        if f.ndim != 2 or f.shape[0] == 0:
-            raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles (features shape {f.shape})")
+        shape = b.shape  # a lazy bag's from its file, checked (values included) when it was scanned
+        if len(shape) != 2 or shape[0] == 0:
+            raise HistomilError(f"{split} bag {b.bag_id!r} has no tiles (features shape {shape})")
         if dim is None:
-            dim = int(f.shape[1])
-        elif f.shape[1] != dim:
+            dim = int(shape[1])
+        elif shape[1] != dim:
             raise HistomilError(
-                f"{split} bag {b.bag_id!r} has {f.shape[1]}-dim features, others have {dim} (mixed encoders?)"
+                f"{split} bag {b.bag_id!r} has {shape[1]}-dim features, others have {dim} (mixed encoders?)"
             )
-        if not np.isfinite(f).all():
+        if not isinstance(b, LazyFeatureBag) and not np.isfinite(b.features).all():
             raise HistomilError(f"{split} bag {b.bag_id!r} has NaN or infinite features")
     return int(dim)  # type: ignore[arg-type]
 
@@ -358,6 +377,6 @@ def _fingerprint(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag
     for split, bags in (("train", train_bags), ("val", val_bags)):
         for b in bags:
             target = "" if b.target is None else f"|{b.target}"  # regression / survival targets (none before tasks)
-            h.update(f"{split}|{b.bag_id}|{b.label}{target}|{b.features.shape}\n".encode())
-            h.update(np.ascontiguousarray(b.features, dtype=np.float32).data)
+            h.update(f"{split}|{b.bag_id}|{b.label}{target}|{tuple(b.shape)}\n".encode())
+            h.update((b.digest if isinstance(b, LazyFeatureBag) else features_digest(b.features)).encode())
     return h.hexdigest()

@@ -1,0 +1,124 @@
+"""Feature bags read from their files when used, so a cohort larger than memory can be trained on.
+
+A :class:`LazyFeatureBag` is a :class:`~histomil.features.store.FeatureBag` that keeps only what a
+trainer needs up front (bag id, label, attributes, the number of tiles and the feature dimension,
+and a digest of the feature values) and reads ``features``, ``tile_paths`` and ``coords`` from its
+file, through the one reader :func:`histomil.features.formats.load_any_features`, each time they are
+accessed. Nothing is cached: holding many lazy bags costs a few hundred bytes each.
+
+:func:`scan_feature_bag` reads each file once when the bag is made, one file at a time, so every
+check of the eager reader (layout, shape, NaN/inf values, encoder, geometry) fails before training
+starts and not hours into it, and the digest lets a resumed run tell whether the data changed
+without reading the cohort again. :func:`lazy_features_folder` is
+:func:`histomil.features.formats.load_features_folder` with lazy bags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histomil.errors import HistomilError
+from histomil.features.formats import load_any_features, load_features_folder
+from histomil.features.store import FeatureBag
+
+
+def features_digest(features: np.ndarray) -> str:
+    """SHA-256 of a bag's feature values as float32 (what training sees), hex."""
+    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).data).hexdigest()
+
+
+class LazyFeatureBag(FeatureBag):
+    """A bag whose features stay in its file until accessed (see the module docstring)."""
+
+    def __init__(self, path: str | Path, bag_id: str, label: int | None, n_tiles: int, dim: int, digest: str,
+                 attrs: dict[str, Any], options: dict[str, Any], stat: tuple[int, int]) -> None:
+        self.path = Path(path)
+        self.bag_id = bag_id
+        self.label = label
+        self.target: tuple[float, ...] | None = None  # regression / survival target, when the file has one
+        self.attrs = attrs
+        self.n_tiles = int(n_tiles)
+        self.dim = int(dim)
+        self.digest = digest
+        self.options = options  # mpp, tile_size, coords_dir: what load_any_features needs again
+        self.stat = stat  # (size, mtime_ns) when scanned: a file replaced since is refused
+
+    def load(self) -> FeatureBag:
+        """The whole bag from its file, checked against what the scan saw."""
+        st = _stat(self.path)
+        if st != self.stat:
+            raise HistomilError(f"{self.path}: feature file changed since it was read at the start of this run; start again")
+        bag = load_any_features(self.path, **self.options)
+        if bag.features.shape != (self.n_tiles, self.dim):
+            raise HistomilError(f"{self.path}: features now have shape {bag.features.shape}, "
+                                f"({self.n_tiles}, {self.dim}) when the run started")
+        bag.bag_id, bag.label, bag.attrs = self.bag_id, self.label, self.attrs
+        if self.target is not None:
+            bag.target = self.target
+        return bag
+
+    @property  # type: ignore[override]
+    def features(self) -> np.ndarray:
+        """(N, D) float32, read from the file now."""
+        return self.load().features
+
+    @property  # type: ignore[override]
+    def tile_paths(self) -> list[str]:
+        return self.load().tile_paths
+
+    @property  # type: ignore[override]
+    def coords(self) -> np.ndarray | None:
+        return self.load().coords
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n_tiles, self.dim
+
+    def __len__(self) -> int:
+        return self.n_tiles
+
+    def __repr__(self) -> str:
+        return f"LazyFeatureBag({self.bag_id!r}, {self.n_tiles}x{self.dim}, label={self.label}, path={str(self.path)!r})"
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LazyFeatureBag) and (self.path, self.digest, self.label) == (other.path, other.digest, other.label)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise HistomilError(f"{path}: feature file is gone or unreadable ({exc.strerror})") from None
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def scan_feature_bag(path: str | Path, mpp: float | None = None, label: int | None = None, **options: Any) -> LazyFeatureBag:
+    """Read and check one feature file (any layout :func:`load_any_features` reads) and keep only its
+    description: a :class:`LazyFeatureBag`. Same arguments as :func:`load_any_features`."""
+    path = Path(path)
+    stat = _stat(path)
+    opts = {"mpp": mpp, **options}
+    bag = load_any_features(path, label=label, **opts)
+    lazy = LazyFeatureBag(path, bag.bag_id, bag.label, bag.features.shape[0], bag.features.shape[1],
+                          features_digest(bag.features), bag.attrs, opts, stat)
+    lazy.target = getattr(bag, "target", None)
+    return lazy
+
+
+def lazy_features_folder(folder: str | Path, labels_csv: str | Path | None = None, require_labels: bool = True,
+                         **options: Any) -> list[LazyFeatureBag]:
+    """:func:`histomil.features.formats.load_features_folder` (same labels, checks and options) with
+    :class:`LazyFeatureBag` bags: the folder is read once, one file at a time, and nothing stays in memory."""
+    return load_features_folder(folder, labels_csv, require_labels, read=scan_feature_bag, **options)  # type: ignore[return-value]
+
+
+def in_memory_bytes(bags: list[FeatureBag]) -> int:
+    """Bytes the bags' features take as float32 once loaded (lazy bags from their scanned shape)."""
+    return sum(4 * int(np.prod(b.shape)) for b in bags)
