@@ -138,3 +138,44 @@ def test_checkpoints_from_before_tasks_are_classifiers() -> None:
     task = task_from_checkpoint({"n_classes": 4})
     assert isinstance(task, ClassificationTask) and task.output_size() == 4
     np.testing.assert_allclose(task.predict(torch.zeros(1, 4)), [[0.25] * 4])
+
+
+def test_multiclass_metrics_hand_computed() -> None:
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+
+    from histomil.evaluation.task_metrics import multiclass_metrics
+
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array([[0.7, 0.2, 0.1], [0.4, 0.5, 0.1], [0.2, 0.6, 0.2], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.5, 0.1, 0.4]])
+    m = multiclass_metrics(y, probs, ["a", "b", "c"], n_resamples=200)
+    # argmax: 0, 1, 1, 1, 2, 0 -> 4 of 6 right; recalls a 1/2, b 2/2, c 1/2
+    assert m["accuracy"]["value"] == pytest.approx(4 / 6)
+    assert m["balanced_accuracy"]["value"] == pytest.approx(2 / 3) == balanced_accuracy_score(y, probs.argmax(1))
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["confusion_matrix_normalised"][0] == [0.5, 0.5, 0.0]
+    # class a one-vs-rest: positives score .7, .4; negatives .2 .1 .3 .5 -> pairs won 4 + 3 of 8
+    assert m["per_class"]["a"]["roc_auc"]["value"] == pytest.approx(7 / 8)
+    assert m["macro_roc_auc"]["value"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"))
+    ap = np.mean([average_precision_score(y == c, probs[:, c]) for c in range(3)])
+    assert m["macro_pr_auc"]["value"] == pytest.approx(ap)
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["c"]["recall"] == 0.5
+    lo, hi = m["accuracy"]["low"], m["accuracy"]["high"]
+    assert 0 <= lo < 4 / 6 < hi <= 1
+    with pytest.raises(HistomilError, match="sum to 1"):
+        multiclass_metrics(y, probs * 2)
+
+
+def test_evaluate_writes_per_class_and_regression_files(tmp_path) -> None:
+    from histomil.evaluation.evaluate import evaluate_sets
+
+    train_bags, val_bags, test_bags = _fraction_bags(80, 0), _fraction_bags(20, 1), _fraction_bags(30, 2)
+    cfg = TrainConfig(task="regression", model="mean_pool", epochs=5, min_epochs=5, lr=2e-3)
+    result = train(train_bags, val_bags, cfg, tmp_path / "run")
+    test_dir = tmp_path / "test"
+    for b in test_bags:
+        write_feature_bag(test_dir / f"{b.bag_id}.h5", b)
+    results = evaluate_sets(result.model_path, {"test": test_dir}, tmp_path / "eval")
+    assert results["test"]["n"] == 30 and results["test"]["spearman"]["low"] <= results["test"]["spearman"]["value"]
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions_test.csv")))
+    assert list(rows[0]) == ["bag_id", "target", "prediction"] and len(rows) == 30
+    assert (tmp_path / "eval" / "scatter.png").stat().st_size > 1000

@@ -35,13 +35,21 @@ TASK_NAMES = ("classification", "regression", "survival")
 
 class ClassificationTask(Task):
     """Bag classes 0..C-1; see the module docstring. Options: ``label_smoothing`` (eps, targets 1 - eps/2
-    and eps/2 for two classes) and ``class_weights`` (inverse-frequency weighted cross-entropy)."""
+    and eps/2 for two classes), ``class_weights`` (inverse-frequency weighted cross-entropy) and
+    ``class_names`` (one name per class index, shown in evaluation files and reports)."""
 
     name = "classification"
     losses = ("cross_entropy",)
     scores = ("val_auc",)
-    option_names = ("label_smoothing", "class_weights")
+    option_names = ("label_smoothing", "class_weights", "class_names")
     feeds_labels = True
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        options = super().check_options(options)
+        names = options.get("class_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(set(map(str, names))) != len(names) or len(names) < 2):
+            raise HistomilError(f"task classification: class_names must be a list of 2+ distinct names, not {names!r}")
+        return options
 
     def targets(self, bags: Sequence[Any], split: str) -> np.ndarray:
         y = []
@@ -58,6 +66,10 @@ class ClassificationTask(Task):
             raise HistomilError(f"training bags all have label {classes.pop()}; need at least two classes")
         top = int(max(y_train.max(), y_val.max() if y_val is not None and len(y_val) else 0))
         n = max(2, top + 1)
+        names = self.options.get("class_names")
+        if names is not None and len(names) < n:
+            raise HistomilError(f"task classification: {len(names)} class_names for class indices up to {n - 1}")
+        n = len(names) if names is not None else n
         self.fitted = {"n_classes": n}
         if self.options.get("class_weights"):
             counts = np.bincount(y_train, minlength=n)

@@ -1,0 +1,116 @@
+"""Continuous targets of feature bags: ``targets.csv`` beside the feature files, per task.
+
+Classification bags carry a class (``labels.csv``: ``case,y_true``). Other tasks read a second table,
+``targets.csv`` (or a CSV passed explicitly), in the folder of the feature files or of the folder given:
+
+* regression: ``case,target`` (one number per bag, e.g. the tumour fraction of a composed bag);
+* survival: ``case,time,event`` (follow-up time and 1 = event observed, 0 = censored).
+
+A histomil feature file may also store its target (``FeatureBag.target``); the CSV must then agree.
+:func:`load_task_bags` is what the commands use: the bags of a folder with the targets their task needs.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from histomil.errors import HistomilError
+from histomil.features.formats import feature_files_any, load_features_folder
+from histomil.features.store import FeatureBag
+
+TARGET_FILE = "targets.csv"
+TARGET_COLUMNS = {"regression": ("target",), "survival": ("time", "event")}
+
+
+def read_targets_csv(path: str | Path, columns: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """``{case: (value, ...)}`` from a CSV with ``case`` and ``columns``; a bad cell is one error line."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [c.strip().lower() for c in reader.fieldnames or []]
+            missing = [c for c in ("case", *columns) if c not in header]
+            if missing:
+                raise HistomilError(f"{path}: targets CSV has no column {', '.join(missing)} (has: {', '.join(header) or 'none'})")
+            reader.fieldnames = header
+            out: dict[str, tuple[float, ...]] = {}
+            for row in reader:
+                line = reader.line_num
+                case = (row.get("case") or "").strip()
+                if not case:
+                    raise HistomilError(f"{path}: line {line}: empty case id")
+                if case in out:
+                    raise HistomilError(f"{path}: line {line}: case {case} appears more than once")
+                out[case] = tuple(_number(row.get(c), path, line, c) for c in columns)
+    except FileNotFoundError:
+        raise HistomilError(f"{path}: targets CSV not found") from None
+    except UnicodeDecodeError:
+        raise HistomilError(f"{path}: targets CSV is not a UTF-8 text CSV file") from None
+    except (csv.Error, OSError) as exc:
+        raise HistomilError(f"{path}: cannot read targets CSV ({exc})") from None
+    return out
+
+
+def _number(cell: str | None, path: Path, line: int, column: str) -> float:
+    text = (cell or "").strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise HistomilError(f"{path}: line {line}: {column} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise HistomilError(f"{path}: line {line}: {column} is {text}, not a finite number")
+    return value
+
+
+def attach_targets(bags: list[FeatureBag], csv_path: Path, columns: Sequence[str], require: bool = True) -> list[FeatureBag]:
+    """Set each bag's ``target`` from ``csv_path``; stored targets must agree, every CSV case needs a bag
+    and, with ``require``, every bag a target."""
+    targets = read_targets_csv(csv_path, columns)
+    ids = {b.bag_id for b in bags}
+    extra = sorted(c for c in targets if c not in ids)
+    if extra:
+        raise HistomilError(f"{csv_path}: {len(extra)} case(s) have no feature file: {_few(extra)}")
+    for b in bags:
+        if b.bag_id not in targets:
+            continue
+        value = targets[b.bag_id]
+        if b.target is not None and tuple(b.target) != value:
+            raise HistomilError(f"bag {b.bag_id}: its feature file stores target {tuple(b.target)}, {csv_path} says {value}")
+        b.target = value
+    return _check_all(bags, csv_path, require)
+
+
+def load_task_bags(
+    folder: str | Path, task: str = "classification", targets_csv: str | Path | None = None,
+    columns: Sequence[str] | None = None, require: bool = True,
+) -> list[FeatureBag]:
+    """The bags of a feature folder with what ``task`` needs: classes from labels.csv (classification), or
+    targets from ``targets_csv`` (default ``targets.csv`` beside the files) or from the files themselves."""
+    if task == "classification":
+        return load_features_folder(folder, require_labels=require)
+    if task not in TARGET_COLUMNS:
+        raise HistomilError(f"unknown task {task!r}; use classification, regression or survival")
+    columns = tuple(c.lower() for c in (columns or TARGET_COLUMNS[task]))
+    bags = load_features_folder(folder, require_labels=False)
+    if targets_csv is None:
+        folder = Path(folder)
+        places = (folder, feature_files_any(folder)[0].parent)
+        targets_csv = next((d / TARGET_FILE for d in places if (d / TARGET_FILE).is_file()), None)
+    if targets_csv is not None:
+        return attach_targets(bags, Path(targets_csv), columns, require)
+    return _check_all(bags, Path(folder) / TARGET_FILE, require)
+
+
+def _check_all(bags: list[FeatureBag], where: Path, require: bool) -> list[FeatureBag]:
+    if require:
+        missing = [b.bag_id for b in bags if b.target is None]
+        if missing:
+            raise HistomilError(f"{where}: {len(missing)} feature file(s) have no target: {_few(missing)}")
+    return bags
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
