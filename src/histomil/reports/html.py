@@ -820,10 +820,11 @@ def _crossval_report(run: Path, fig_dir: Path, named: Sequence[str], max_bags: i
     candidates: list[BagRef] = []
     for r in runs:
         seed, fold = int(r["seed"]), int(r["fold"])
-        label = f"seed_{seed}/fold_{fold}"
+        label = str(r.get("dir") or f"seed_{seed}/fold_{fold}")  # cohort cross-validations name their folders
         fold_dir = run / label
         rec = _read_json(fold_dir / "metrics.json") if (fold_dir / "metrics.json").is_file() else {}
-        h = _read_history(fold_dir / "model" / "history.csv")
+        model_dir = fold_dir / "model" if (fold_dir / "model").is_dir() else fold_dir  # cohort folds: model.pt in the fold
+        h = _read_history(model_dir / "history.csv")
         if h is not None:
             histories[f"s{seed} f{fold}"] = h
             best[f"s{seed} f{fold}"] = r.get("best_epoch")
@@ -841,7 +842,7 @@ def _crossval_report(run: Path, fig_dir: Path, named: Sequence[str], max_bags: i
             for i, bid in enumerate(ids):
                 candidates.append(BagRef(
                     run=label, set_name=name, bag_id=bid, y=int(y[i]), p=float(p[i]), threshold=float(t[i]),
-                    model_path=fold_dir / "model" / "model.pt", feature_file=feat_dir / f"{bid}.h5" if feat_dir else None,
+                    model_path=model_dir / "model.pt", feature_file=feat_dir / f"{bid}.h5" if feat_dir else None,
                     bag_dir=bags_dir / bid if bags_dir else None, truth_csv=truth, cache_dir=run / "cache",
                 ))
     if not candidates:
