@@ -65,13 +65,15 @@ def _number(cell: str | None, path: Path, line: int, column: str) -> float:
     return value
 
 
-def attach_targets(bags: list[FeatureBag], csv_path: Path, columns: Sequence[str], require: bool = True) -> list[FeatureBag]:
+def attach_targets(bags: list[FeatureBag], csv_path: Path, columns: Sequence[str], require: bool = True,
+                   shared: bool = False) -> list[FeatureBag]:
     """Set each bag's ``target`` from ``csv_path``; stored targets must agree, every CSV case needs a bag
-    and, with ``require``, every bag a target."""
+    (unless the CSV is ``shared`` by several folders, e.g. training and validation) and, with ``require``,
+    every bag a target."""
     targets = read_targets_csv(csv_path, columns)
     ids = {b.bag_id for b in bags}
     extra = sorted(c for c in targets if c not in ids)
-    if extra:
+    if extra and not shared:
         raise HistomilError(f"{csv_path}: {len(extra)} case(s) have no feature file: {_few(extra)}")
     for b in bags:
         if b.bag_id not in targets:
@@ -88,19 +90,21 @@ def load_task_bags(
     columns: Sequence[str] | None = None, require: bool = True,
 ) -> list[FeatureBag]:
     """The bags of a feature folder with what ``task`` needs: classes from labels.csv (classification), or
-    targets from ``targets_csv`` (default ``targets.csv`` beside the files) or from the files themselves."""
+    targets from ``targets_csv`` (default ``targets.csv`` beside the files) or from the files themselves.
+    A ``targets_csv`` given may list the cases of other folders too (one table for train and val)."""
     if task == "classification":
         return load_features_folder(folder, require_labels=require)
     if task not in TARGET_COLUMNS:
         raise HistomilError(f"unknown task {task!r}; use classification, regression or survival")
     columns = tuple(c.lower() for c in (columns or TARGET_COLUMNS[task]))
     bags = load_features_folder(folder, require_labels=False)
+    shared = targets_csv is not None
     if targets_csv is None:
         folder = Path(folder)
         places = (folder, feature_files_any(folder)[0].parent)
         targets_csv = next((d / TARGET_FILE for d in places if (d / TARGET_FILE).is_file()), None)
     if targets_csv is not None:
-        return attach_targets(bags, Path(targets_csv), columns, require)
+        return attach_targets(bags, Path(targets_csv), columns, require, shared=shared)
     return _check_all(bags, Path(folder) / TARGET_FILE, require)
 
 

@@ -143,3 +143,19 @@ def _with_ci(entry: Any) -> str:
     if not isinstance(entry, Mapping) or entry.get("value") is None or not np.isfinite(entry["value"]):
         return "n/a"
     return f"{entry['value']:.3f} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def prediction_fields(task: Task, outputs: np.ndarray, threshold: float) -> dict[str, Any]:
+    """What ``histomil predict`` writes for one bag: binary ``prob_positive`` and ``predicted_class`` (at
+    ``threshold``); several classes one ``prob_<class>`` each and the argmax class; otherwise the task's
+    prediction columns (``prediction``; ``risk``...)."""
+    if is_binary(task):
+        p = float(outputs[1])
+        return {"prob_positive": round(p, 6), "predicted_class": int(p >= threshold)}
+    fields: dict[str, Any] = {c: round(float(v), 6) for c, v in zip(task.prediction_columns(), outputs)}
+    if task.name == "classification":
+        fields["predicted_class"] = int(np.argmax(outputs))
+        names = task.options.get("class_names")
+        if names:
+            fields["predicted_name"] = str(names[int(np.argmax(outputs))])
+    return fields

@@ -82,6 +82,7 @@ class _Raw:
     attrs: dict[str, Any] = field(default_factory=dict)  # file + features attributes, file first
     tile_paths: list[str] | None = None
     label: int | None = None
+    target: tuple[float, ...] | None = None  # a histomil file's regression / survival target
 
 
 def _describe(f: h5py.File) -> str:
@@ -201,8 +202,8 @@ def _read_h5(path: Path) -> _Raw:
     except READ_ERRORS as exc:
         raise HistomilError(f"{path}: cannot read feature file, truncated or damaged? ({first_line(exc)})") from None
     if kind == "histomil":
-        raw.tile_paths, raw.label = bag.tile_paths, bag.label
-        for k in ("label", "bag_id"):
+        raw.tile_paths, raw.label, raw.target = bag.tile_paths, bag.label, bag.target
+        for k in ("label", "bag_id", "target"):
             raw.attrs.pop(k, None)
     return raw
 
@@ -322,7 +323,8 @@ def _normalise(path: Path, raw: _Raw, mpp: float | None, tile_size: int | None, 
     names = raw.tile_paths
     if names is None:
         names = [f"{x}_{y}" for x, y in coords.tolist()] if coords is not None else [str(i) for i in range(len(raw.features))]
-    return FeatureBag(bag_id=path.stem, features=raw.features, tile_paths=names, label=raw.label, coords=coords, attrs=attrs)
+    return FeatureBag(bag_id=path.stem, features=raw.features, tile_paths=names, label=raw.label, coords=coords, attrs=attrs,
+                      target=raw.target)
 
 
 # ------------------------------------------------------------------------------------ folders
