@@ -27,6 +27,7 @@ from histomil.data.compose import (
     read_tile_table,
     remove_compose_leftovers,
 )
+from histomil.devices import check_device_name, resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.cache import FeatureCache
@@ -42,7 +43,8 @@ from histomil.training.trainer import TrainConfig, train
 
 
 # Settings a resumed run may change: they change how fast it runs, never what it computes.
-RESUMABLE_SETTINGS = frozenset({("features", "batch_size"), ("features", "workers"), ("train", "device"), ("train", "threads")})
+RESUMABLE_SETTINGS = frozenset({("features", "batch_size"), ("features", "workers"), ("features", "device"), ("train", "device"),
+                                ("train", "threads")})
 
 
 class _Strict(BaseModel):
@@ -67,11 +69,17 @@ class FeatureConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     workers: int = Field(1, ge=0)  # decoding threads; 0 decodes in the main thread
     on_bad_tile: Literal["error", "skip"] = "error"
+    device: str = "auto"  # where the encoder runs: cpu, cuda, cuda:N or auto (a CUDA GPU when there is one)
 
     @field_validator("encoder")
     @classmethod
     def _known_encoder(cls, name: str) -> str:
         return check_encoder_name(name)  # when the config is read, not after bags are composed
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        return check_device_name(name)
 
 
 class StudyRunConfig(_Strict):
@@ -144,7 +152,8 @@ def extract_study(
 ) -> dict[str, object]:
     """Extract features for every split of a study with one shared tile cache; feature files of bags
     no longer in the study (it was composed again) are deleted."""
-    encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last, weights=cfg.weights), cfg.runtime)
+    encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last, weights=cfg.weights,
+                                         device=cfg.device), cfg.runtime)
     cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
     for name in split_names(study_dir):
@@ -216,7 +225,7 @@ def _run_study(
     from histomil.evaluation.evaluate import evaluate_sets
 
     write_json(out_dir / "config.json", json.loads(cfg.model_dump_json()))
-    environment = run_environment(cfg.features.precision)
+    environment = run_environment(cfg.features.precision, resolve_device(cfg.features.device))
     write_json(out_dir / "environment.json", environment)
     log(f"features in {environment['precision']} on {environment['device_name']} "
         f"({environment['device_capability']}, bf16 {environment['bf16']})")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from histomil.config import check_range
+from histomil.devices import DEVICE_HELP, resolve_device
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 
@@ -18,6 +19,7 @@ def evaluate_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md, predictions and plots."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the one stored in the model, 0.5)."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
 
@@ -26,12 +28,13 @@ def evaluate_cmd(
     from histomil.reports.tables import metrics_markdown
 
     check_range("--threshold", threshold, 0, 1)
+    resolve_device(device)
     names = [p.name for p in test_sets]
     if len(set(names)) != len(names):
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
         results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
-                                allow_encoder_mismatch=allow_encoder_mismatch)
+                                allow_encoder_mismatch=allow_encoder_mismatch, device=device)
     show_result(metrics_markdown(results))
     show_result(f"written to {out}")
 
@@ -50,6 +53,7 @@ def predict_cmd(
     allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
     precision: str = typer.Option("auto", help="Bags: precision of the encoder (image bags) and the MIL head: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
     weights: Optional[Path] = typer.Option(None, help="Images and slides: weights file of the model's preset or timm: encoder (default: the local Hugging Face cache)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
 
@@ -61,16 +65,17 @@ def predict_cmd(
 
     check_range("--threshold", threshold, 0, 1)
     check_range("--top-k", top_k, 0)
+    resolve_device(device)
     if is_slide_source(source):
         from histomil.commands.slides import predict_slides_cmd
 
         predict_slides_cmd(model, [source], out, top_k=top_k, threshold=threshold, mpp=mpp, slide_mpp=slide_mpp,
-                           on_bad_slide="skip" if on_bad_tile == "skip" else "error", weights=weights)
+                           on_bad_slide="skip" if on_bad_tile == "skip" else "error", weights=weights, device=device)
         return
 
     with progress_bars() as progress:
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, log, progress, precision,
                               slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch,
-                              weights=weights)
+                              weights=weights, device=device)
     n_pos = sum(r["predicted_class"] for r in rows)
     show_result(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")

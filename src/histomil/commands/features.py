@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from histomil.config import validate_options
+from histomil.devices import DEVICE_HELP, resolve_device
 from histomil.errors import HistomilError
 from histomil.hardware import PRECISIONS
 from histomil.ui import log, progress_bars, show_result, user_errors
@@ -28,6 +29,7 @@ def features_extract(
     cache: Optional[Path] = typer.Option(None, help="Tile feature cache folder (default OUT/cache)."),
     on_bad_tile: str = typer.Option("error", help="'error' stops; 'skip' logs bad tiles and leaves them out."),
     overwrite: bool = typer.Option(False, help="Re-write feature files that already exist."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Encode every distinct tile once and write one HDF5 feature file per bag (resumable)."""
     from histomil.data.bags import load_bags
@@ -42,7 +44,8 @@ def features_extract(
     if runtime not in RUNTIMES:
         raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     cfg = validate_options(FeatureConfig, dict(encoder=encoder, weights=str(weights) if weights else None, precision=precision, runtime=runtime, batch_size=batch_size,
-                                                workers=workers, on_bad_tile=on_bad_tile))  # before any work
+                                                workers=workers, on_bad_tile=on_bad_tile, device=device))  # before any work
+    resolve_device(device)  # a GPU asked for and absent: refused before any work
     with progress_bars() as progress:
         if (source / "study.json").is_file():
             summaries = extract_study(source, out, cfg, cache, log=log, progress=progress)
@@ -52,7 +55,7 @@ def features_extract(
             if unlabelled:  # fine for predict; train and evaluate would refuse them only later
                 warnings.warn(f"{source}: {unlabelled} of {len(bags)} bags have no label (not in a labels CSV); "
                               "their feature files can be predicted on, not trained or evaluated on", stacklevel=1)
-            enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights), runtime)
+            enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights, device=device), runtime)
             fc = FeatureCache.for_encoder(cache or out / "cache", enc)
             summaries = {source.name: extract_bags(bags, out, enc, fc, batch_size, workers, on_bad_tile, overwrite, log, progress)}
             if source.is_dir():

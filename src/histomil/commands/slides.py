@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from histomil.config import check_range
+from histomil.devices import DEVICE_HELP, resolve_device
 from histomil.errors import HistomilError
 from histomil.hardware import PRECISIONS
 from histomil.ui import log, progress_bars, show_result, user_errors
@@ -39,6 +40,7 @@ WeightsOpt = Annotated[
     typer.Option("--weights", help="Weights file (.safetensors, .pth, .bin) of a preset or timm: encoder (default: the local "
                                    "Hugging Face cache)."),
 ]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 ScaleOpt = Annotated[str, typer.Option("--scale", help="Heatmap colours: 'rank' (percentile among tiles) or 'linear'.")]
 CoordsOpt = Annotated[
     Path | None,
@@ -100,7 +102,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise HistomilError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def model_encoder(model: Path, weights: Path | None, precision: str) -> object | None:
+def model_encoder(model: Path, weights: Path | None, precision: str, device: str = "cpu") -> object | None:
     """The checkpoint's encoder built with ``--weights`` (None without: predict_slides builds it itself)."""
     if weights is None:
         return None
@@ -110,7 +112,7 @@ def model_encoder(model: Path, weights: Path | None, precision: str) -> object |
     name = (load_checkpoint(model)[1].get("encoder_info") or {}).get("name")
     if not name:
         raise HistomilError(f"{model}: the model does not record its encoder, so --weights has nothing to apply to")
-    return build_encoder(str(name), precision=precision, channels_last=True, weights=weights)
+    return build_encoder(str(name), precision=precision, channels_last=True, weights=weights, device=device)
 
 
 def _check_batching(batch_size: int, workers: int) -> None:
@@ -168,6 +170,7 @@ def slide_features_cmd(
     on_bad_slide: OnBadSlideOpt = "error",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode slides whose feature file is complete.")] = False,
     layout: LayoutOpt = "histomil",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Encode tiles straight from the slides into one HDF5 per slide (resumable); --layout also writes
     them as CLAM, TRIDENT or STAMP write theirs (the histomil files then go to OUT/histomil)."""
@@ -180,9 +183,10 @@ def slide_features_cmd(
     _check_choice("--runtime", runtime, RUNTIMES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     _check_choice("--layout", layout, ("histomil", *EXPORT_LAYOUTS))
+    resolve_device(device)
     _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
-    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights), runtime)
+    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights, device=device), runtime)
     own = out if layout == "histomil" else out / "histomil"
     with progress_bars() as progress:
         s = extract_slide_features(slides, own, enc, spec, coords_dir=coords, batch_size=batch_size,
@@ -216,6 +220,7 @@ def heatmap_cmd(
     workers: WorkersOpt = 1,
     precision: PrecisionOpt = "auto",
     weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON).
 
@@ -226,17 +231,18 @@ def heatmap_cmd(
 
     _check_choice("--scale", scale, SCALES)
     _check_choice("--precision", precision, PRECISIONS)
+    resolve_device(device)
     if slide.is_dir():
         raise HistomilError(f"{slide}: is a folder; heatmap takes one slide file (use 'histomil predict' for a folder)")
     _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
     with progress_bars() as progress:
         rows = predict_slides(model, [slide], out, spec, coords_dir=coords, features=features,
-                              encoder=model_encoder(model, weights, precision),
+                              encoder=model_encoder(model, weights, precision, device),
                               tile_size_level0=tile_size_level0, allow_encoder_mismatch=allow_encoder_mismatch,
                               scale=scale,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, log=log,
-                              progress=progress)
+                              progress=progress, device=device)
     row = rows[0]
     show_result(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
                 f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
@@ -270,6 +276,7 @@ def predict_slides_cmd(
     on_bad_slide: OnBadSlideOpt = "error",
     precision: PrecisionOpt = "auto",
     weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Predict unlabelled slides: tile, encode with the model's encoder (or read --features), predict; CSV plus heatmaps."""
     from histomil.slides.heatmap import SCALES, predict_slides
@@ -277,6 +284,7 @@ def predict_slides_cmd(
     _check_choice("--scale", scale, SCALES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     _check_choice("--precision", precision, PRECISIONS)
+    resolve_device(device)
     _check_batching(batch_size, workers)
     check_range("--threshold", threshold, 0, 1)
     check_range("--top-k", top_k, 0)
@@ -287,12 +295,12 @@ def predict_slides_cmd(
         csv_path, out = out, out.with_suffix("")
     with progress_bars() as progress:
         rows = predict_slides(model, slides, out, spec, csv_path=csv_path, coords_dir=coords, features=features,
-                              encoder=model_encoder(model, weights, precision),
+                              encoder=model_encoder(model, weights, precision, device),
                               tile_size_level0=tile_size_level0, allow_encoder_mismatch=allow_encoder_mismatch,
                               top_k=top_k,
                               threshold=threshold, scale=scale, heatmaps=heatmaps,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
-                              log=log, progress=progress)
+                              log=log, progress=progress, device=device)
     done = [r for r in rows if r["predicted_class"] != ""]
     n_pos = sum(int(r["predicted_class"]) == 1 for r in done)
     show_result(f"{len(done)} slides predicted ({n_pos} positive), {len(rows) - len(done)} skipped; "

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from histomil.config import check_range, read_mapping, validate, validate_options
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
@@ -36,6 +37,7 @@ def train_cmd(
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
+    device: Optional[str] = typer.Option(None, help="Where the model trains: cpu (the config's default), cuda, cuda:N or auto."),
 ) -> None:
     """Train a MIL model on cached features, with early stopping and a resumable run folder.
 
@@ -46,7 +48,8 @@ def train_cmd(
     from histomil.training.trainer import train
 
     cfg = train_config(config, model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
-                        patience=patience, min_epochs=min_epochs, seed=seed)
+                        patience=patience, min_epochs=min_epochs, seed=seed, device=device)
+    resolve_device(cfg.device)  # a GPU asked for and absent: refused before the features are read
     train_bags = load_features_folder(train_features, require_labels=True)
     val_bags = load_features_folder(val, require_labels=True)
     encoder_info = training_encoder_info([*train_bags, *val_bags])

@@ -22,6 +22,7 @@ from histomil.features.store import FeatureBag
 from histomil.features.validate import check_bags_for_model
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
 from histomil.reports.tables import metrics_markdown, write_json, write_text
+from histomil.devices import device_record, resolve_device
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import predict
 
@@ -48,8 +49,11 @@ def evaluate_sets(
     threshold: float | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     allow_encoder_mismatch: bool = False,
+    device: str = "cpu",
 ) -> dict[str, dict]:
     """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs.
+
+    ``device`` (cpu, cuda, cuda:N, auto) is where the model runs; metrics.json records it.
 
     Every file of every folder is checked for the model (finite, its dimension and encoder; see
     :mod:`histomil.features.validate`); ``allow_encoder_mismatch`` lets another encoder's features through.
@@ -57,7 +61,8 @@ def evaluate_sets(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, dev)
     if threshold is None:
         threshold = float(meta.get("threshold", 0.5))
     results: dict[str, dict] = {}
@@ -77,7 +82,8 @@ def evaluate_sets(
         plot_confusion_matrix(metrics["confusion_matrix"], out_dir / f"confusion_{name}.png", title=name)
         if progress:
             progress("evaluating test sets", i + 1, len(test_sets))
-    write_json(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "threshold": threshold, "results": results})
+    write_json(out_dir / "metrics.json", {"checkpoint": str(checkpoint), "threshold": threshold, "results": results,
+                                          "environment": device_record(dev, "fp32")})
     write_text(out_dir / "metrics.md", metrics_markdown(results) + "\n")
     plot_roc_pr(curves, out_dir / "roc_pr.png")
     history = Path(checkpoint).parent / "history.csv"

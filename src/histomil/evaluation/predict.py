@@ -23,6 +23,7 @@ from histomil.features.store import FeatureBag, exclusive_output
 from histomil.features.validate import check_bags_for_model
 from histomil.hardware import resolve_precision
 from histomil.reports.tables import write_text
+from histomil.devices import resolve_device
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import predict
 
@@ -36,6 +37,7 @@ def features_for_source(
     progress: Callable[[str, int, int], None] | None = None,
     precision: str = "auto",
     weights: str | Path | None = None,
+    device: str = "cpu",
 ) -> Path:
     """A feature folder for ``source``: itself if it holds feature files, else extracted into ``work_dir``
     with the model's encoder in ``precision`` (``auto``: bf16 where this machine computes it natively).
@@ -51,7 +53,7 @@ def features_for_source(
     name = encoder_info.get("name")
     if not name:
         raise HistomilError(f"{source}: the model does not record its encoder; pass a feature folder instead")
-    encoder = build_encoder(name, precision=precision, channels_last=True, weights=weights)
+    encoder = build_encoder(name, precision=precision, channels_last=True, weights=weights, device=device)
     trained = encoder_info.get("weights")
     if trained and encoder.info.weights != trained:
         raise HistomilError(f"{source}: the model was trained on features of {name} with weights {trained}, this encoder "
@@ -106,6 +108,7 @@ def predict_source(
     coords_dir: str | Path | None = None,
     allow_encoder_mismatch: bool = False,
     weights: str | Path | None = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Write one CSV row per bag: probability, predicted class and its highest-attention tiles.
 
@@ -115,18 +118,20 @@ def predict_source(
     pixels when the file locates its tiles (STAMP needs ``slide_mpp``; pt files ``coords_dir``), tile
     file names for image bags, row numbers otherwise. ``precision`` is that of the encoder (image
     bags) and the MIL head: ``auto`` resolves to bf16 where this machine computes it natively (half
-    the head's CPU time on large bags), else fp32.
+    the head's CPU time on large bags), else fp32. ``device`` (cpu, cuda, cuda:N, auto): where the
+    encoder and the head run.
     """
+    dev = resolve_device(device)
     try:
-        precision = resolve_precision(precision, "cpu")
+        precision = resolve_precision(precision, dev)
     except ValueError as exc:
         raise HistomilError(str(exc)) from None
-    model, meta = load_checkpoint(checkpoint)
+    model, meta = load_checkpoint(checkpoint, dev)
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else threshold
     out_csv = Path(out_csv)
     feat_dir = features_for_source(
         Path(source), meta.get("encoder_info") or {}, out_csv.parent / f".{out_csv.stem}-work", on_bad_tile, log, progress,
-        precision, weights,
+        precision, weights, str(dev),
     )
     bags = read_feature_source(feat_dir, slide_mpp=slide_mpp, coords_dir=coords_dir)
     check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=source)

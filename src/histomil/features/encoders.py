@@ -16,6 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
 from histomil.features.foundation import TIMM_PREFIX, preset_encoder, timm_kwargs, timm_preset
@@ -92,18 +95,26 @@ def build_encoder(
     precision: str = "auto",
     channels_last: bool = False,
     weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> TileEncoder:
-    """Build an encoder by name (in eval mode, on the CPU): ``efficientnet_lite0``, a preset name or
-    alias (:mod:`histomil.features.presets`) or ``timm:<architecture>``.
+    """Build an encoder by name (in eval mode, on ``device``: cpu, cuda, cuda:N or auto):
+    ``efficientnet_lite0``, a preset name or alias (:mod:`histomil.features.presets`) or
+    ``timm:<architecture>``.
 
     ``weights`` is a local weights file for a timm/preset encoder (default: the local Hugging Face
-    cache). ``precision="auto"`` is bf16 where the CPU computes it natively and fp32 elsewhere
+    cache). ``precision="auto"`` is bf16 where the device computes it natively and fp32 elsewhere
     (:func:`histomil.hardware.resolve_precision`); the encoder's ``precision`` is the resolved one.
     """
+    dev = resolve_device(device)
     try:
-        resolved = resolve_precision(precision, "cpu")
+        resolved = resolve_precision(precision, dev)
     except ValueError as exc:
         raise HistomilError(str(exc)) from None
+    return _build_on_cpu(name, pretrained, resolved, channels_last, weights).to(dev)
+
+
+def _build_on_cpu(name: str, pretrained: bool, resolved: str, channels_last: bool, weights: str | Path | None) -> TileEncoder:
+    """:func:`build_encoder` once the precision is resolved: the encoder on the CPU."""
     factory = ENCODERS.get(name)
     if factory is not None:
         if weights is not None:

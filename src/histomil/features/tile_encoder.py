@@ -9,6 +9,7 @@ builds them by name.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histomil.devices import is_out_of_memory, to_device
 from histomil.errors import HistomilError
 from histomil.hardware import device_description
 from histomil.runtime import flush_denormals, keep_freed_memory
@@ -120,7 +122,7 @@ class TileEncoder(nn.Module):
             )
         if not arr.flags.writeable:
             arr = arr.copy()
-        x = torch.from_numpy(arr).to(self._mean.device).permute(0, 3, 1, 2).float().div_(255.0)
+        x = to_device(torch.from_numpy(arr), self._mean.device).permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[0]:
             x = resize_and_crop(x, self.info)
         x = (x - self._mean) / self._std
@@ -214,5 +216,17 @@ def encode_in_batches(encoder: Any, tiles: np.ndarray, batch_size: int) -> np.nd
         return np.zeros((0, encoder.info.dim), dtype=np.float32)
     keep_freed_memory()  # 2.4x less CPU per tile on glibc (see histomil.runtime)
     flush_denormals()
-    out = [encoder(encoder.preprocess(arr[i : i + batch_size])).cpu() for i in range(0, len(arr), batch_size)]
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(arr):
+        try:
+            out.append(encoder(encoder.preprocess(arr[start : start + batch_size])).cpu())
+        except Exception as exc:  # a GPU out of memory: the same tiles again in halves, same features
+            if batch_size == 1 or not is_out_of_memory(exc):
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            warnings.warn(f"the GPU ran out of memory: encoding in batches of {batch_size}", stacklevel=2)
+            continue
+        start += batch_size
     return torch.cat(out).numpy().astype(np.float32, copy=False)

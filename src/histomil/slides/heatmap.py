@@ -320,6 +320,7 @@ def predict_slides(
     on_bad_slide: Literal["error", "skip"] = "error",
     log: Log | None = None,
     progress: Progress | None = None,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Predict unlabelled slides (tiling and encoding them, or from cached features); returns (and
     writes) one CSV row per slide.
@@ -332,7 +333,8 @@ def predict_slides(
 
     The encoder is the one named in the checkpoint, run in ``precision`` (``auto``: bf16 where this
     machine computes it natively, else fp32; see :mod:`histomil.hardware`);
-    pass ``encoder`` to use an already-built one (it must match the checkpoint).
+    pass ``encoder`` to use an already-built one (it must match the checkpoint). The encoder runs on
+    ``device`` (cpu, cuda, cuda:N, auto); the MIL head, small beside it, on the CPU.
 
     With ``features`` (a feature file, or a folder with ``<slide>.h5``/``.pt`` in any layout that
     :mod:`histomil.features.formats` reads) nothing is encoded: the tiles, and their size on the
@@ -374,7 +376,7 @@ def predict_slides(
             if not info.get("name"):
                 raise HistomilError(f"{checkpoint}: the model does not record its encoder, so slides cannot be encoded for it")
             try:
-                encoder = build_encoder(str(info["name"]), precision=precision, channels_last=True)
+                encoder = build_encoder(str(info["name"]), precision=precision, channels_last=True, device=device)
             except HistomilError as err:
                 raise HistomilError(f"{err} (features extracted before, by any tool: pass --features)") from None
         check_encoder(checkpoint, meta, encoder)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from histomil.devices import resolve_device  # noqa: F401  (the trainers' device, from one place)
 from histomil.errors import HistomilError
 from histomil.models.base import MILOutput
 
@@ -73,19 +74,6 @@ def check_finite(train_loss: float, epoch: int, out_dir: Path, lr: float) -> Non
 
 
 # --- device, threads, seeding ------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when there is one) -> torch.device; HistomilError if unusable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise HistomilError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HistomilError(f"device {name!r} requested but no CUDA GPU is available")
-    return device
 
 
 @contextmanager
