@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from histomil.config import check_range, read_mapping, validate, validate_options
-from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
@@ -37,26 +36,35 @@ def train_cmd(
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
-    device: Optional[str] = typer.Option(None, help="Where the model trains: cpu (the config's default), cuda, cuda:N or auto."),
+    stream: str = typer.Option("auto", help="on: read each bag from its file when training needs it (cohorts larger than "
+                               "memory); off: load every bag first; auto: stream when the float32 features would take "
+                               "over a quarter of this machine's memory."),
 ) -> None:
     """Train a MIL model on cached features, with early stopping and a resumable run folder.
 
     Feature folders of any layout (histomil, CLAM h5_files/pt_files, TRIDENT, STAMP), labelled by a
-    labels.csv (case,y_true) beside the files (or a histomil file's own label)."""
-    from histomil.features.formats import load_features_folder
+    labels.csv (case,y_true) beside the files (or a histomil file's own label).
+
+    Under ``torchrun --nproc-per-node N -m histomil train ...`` the N processes train one model with
+    DistributedDataParallel (gloo on CPU, nccl on CUDA), each on 1/N of every epoch's bags; rank 0
+    writes the run folder."""
+    from histomil.features.lazy import read_training_folder
     from histomil.features.validate import training_encoder_info
+    from histomil.training.common import resolve_device
+    from histomil.training.distributed import distributed_session
     from histomil.training.trainer import train
 
     cfg = train_config(config, model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
-                        patience=patience, min_epochs=min_epochs, seed=seed, device=device)
-    resolve_device(cfg.device)  # a GPU asked for and absent: refused before the features are read
-    train_bags = load_features_folder(train_features, require_labels=True)
-    val_bags = load_features_folder(val, require_labels=True)
-    encoder_info = training_encoder_info([*train_bags, *val_bags])
-    with progress_bars() as progress:
-        result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
-                       on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
-    show_result(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
+                        patience=patience, min_epochs=min_epochs, seed=seed)
+    with distributed_session(resolve_device(cfg.device)) as world:  # one process unless under torchrun
+        train_bags = read_training_folder(train_features, stream, processes=world.world_size)
+        val_bags = read_training_folder(val, stream, processes=world.world_size)
+        encoder_info = training_encoder_info([*train_bags, *val_bags])
+        with progress_bars() as progress:
+            result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,
+                           on_epoch=lambda row: progress("training epochs", int(row["epoch"]), cfg.epochs), resume=True)
+    if world.is_main:
+        show_result(f"best epoch {result.best_epoch}: {result.best_metrics}; model saved to {out / 'model.pt'}")
 
 
 @user_errors

@@ -122,3 +122,32 @@ def lazy_features_folder(folder: str | Path, labels_csv: str | Path | None = Non
 def in_memory_bytes(bags: list[FeatureBag]) -> int:
     """Bytes the bags' features take as float32 once loaded (lazy bags from their scanned shape)."""
     return sum(4 * int(np.prod(b.shape)) for b in bags)
+
+
+#: ``stream="auto"`` keeps a cohort in memory while its float32 features (times the processes on this
+#: machine) take at most this share of the physical memory, and streams it from the files otherwise.
+MEMORY_SHARE = 0.25
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def read_training_folder(folder: str | Path, stream: str = "auto", processes: int = 1, **options: Any) -> list[FeatureBag]:
+    """The labelled bags of a feature folder for training: in memory (``stream="off"``, one read, the
+    fast path), as :class:`LazyFeatureBag` (``"on"``: only one bag at a time in memory), or (``"auto"``)
+    scanned lazily and then loaded into memory when ``processes`` copies of their float32 features fit
+    in :data:`MEMORY_SHARE` of the physical memory. ``options``: those of :func:`lazy_features_folder`."""
+    if stream not in ("auto", "on", "off"):
+        raise HistomilError(f"stream must be auto, on or off, not {stream!r}")
+    if stream == "off":
+        return load_features_folder(folder, require_labels=True, **options)
+    bags = lazy_features_folder(folder, require_labels=True, **options)
+    total = physical_memory_bytes()
+    if stream == "auto" and total is not None and in_memory_bytes(bags) * max(1, processes) <= MEMORY_SHARE * total:
+        return [b.load() for b in bags]
+    return list(bags)

@@ -20,6 +20,11 @@ one training epoch, the validation metrics, and how to save the best model. The 
   improvement. ``val_auc`` ties (common at 1.0) are broken by ``val_loss``.
 * Denormal floats are flushed to zero (:func:`histomil.runtime.flush_denormals`) and freed
   memory is kept for reuse (:func:`histomil.runtime.keep_freed_memory`).
+* ``training.json``: how the run ended (epochs, best epoch, early stop), the number of processes and
+  the peak memory of each (:func:`histomil.training.streaming.peak_memory`), rewritten after every epoch.
+* Under torchrun (:mod:`.distributed`) every rank runs this loop; rank 0 alone holds the folder lock and
+  writes the files, every rank takes rank 0's history row (so all stop at the same epoch), and on resume
+  every rank reads the same ``last.pt`` (``out_dir`` on a file system all ranks see) and must agree.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,12 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from histomil.devices import device_record
 from histomil.errors import HistomilError
 from histomil.features.store import atomic_write, exclusive_output, remove_temp_leftovers
+from histomil.reports.tables import write_json
 from histomil.runtime import flush_denormals, keep_freed_memory
+from histomil.training import distributed
 from histomil.training.checkpoint_file import atomic_torch_save, read_checkpoint_dict
 from histomil.training.common import check_finite, seeded
+from histomil.training.streaming import peak_memory
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "seconds"]
 STATE_FORMAT = "histomil-train-state"
@@ -70,6 +78,7 @@ class RunResult:
     monitor: str  # the metric actually monitored (val_auc falls back to val_loss on a one-class val set)
     n_classes: int
     last_path: Path  # the training state to resume from
+    peak_memory: dict[str, float]  # this process's peak_rss_mib (and peak_cuda_mib on CUDA), see training.json
 
 
 @dataclass
@@ -121,10 +130,11 @@ class EpochState:
         """Record ``row`` (an epoch that improved the monitored metric) as the best so far."""
         self.best_epoch, self.best_value, self.best_loss = row["epoch"], float(row[monitor]), row["val_loss"]
 
-    def end_epoch(self, row: dict[str, Any], history_path: Path, min_epochs: int, patience: int) -> None:
-        """Append ``row`` to the history (rewriting history.csv) and apply the early-stopping rule."""
+    def end_epoch(self, row: dict[str, Any], history_path: Path | None, min_epochs: int, patience: int) -> None:
+        """Append ``row`` to the history (rewriting history.csv unless None) and apply the early-stopping rule."""
         self.history.append(row)
-        write_history(history_path, self.history)
+        if history_path is not None:
+            write_history(history_path, self.history)
         self.epoch = row["epoch"]
         self.stopped = self.epoch >= min_epochs and self.epoch - self.best_epoch >= patience
 
@@ -166,19 +176,21 @@ def run_training(
     paths = {"model": out_dir / "model.pt", "last": out_dir / "last.pt", "history": out_dir / "history.csv"}
     identity = {"fingerprint": fingerprint, **(checks or {}), "n_classes": int(n_classes), "monitor": monitor}
 
-    with exclusive_output(out_dir, "training"), seeded(device, config.seed, config.threads):
+    main = distributed.is_main()  # under torchrun only rank 0 writes
+    with exclusive_output(out_dir, "training") if main else nullcontext(), seeded(device, config.seed, config.threads):
         for path in paths.values():  # temp files of a killed run (its finished files are kept)
-            remove_temp_leftovers(out_dir, path.name)
+            if main:
+                remove_temp_leftovers(out_dir, path.name)
         run = build()
-        write_device_record(out_dir / "environment.json", device, str(getattr(config, "precision", "fp32")))
         restored = None
         if resume and paths["last"].exists():
             restored = restore_state(paths["last"], run, config, device, identity, resumable_changes)
-        if restored is None:  # a fresh start: nothing of an earlier run may stay beside the new one
+        agree_on_start(restored, out_dir)
+        if restored is None and main:  # a fresh start: nothing of an earlier run may stay beside the new one
             for path in paths.values():
                 path.unlink(missing_ok=True)
         state = restored if restored is not None else EpochState()
-        if restored is not None:
+        if restored is not None and main:
             write_history(paths["history"], state.history)
 
         while state.epoch < config.epochs and not state.stopped:
@@ -196,14 +208,20 @@ def run_training(
                 "lr": float(run.optimizer.param_groups[0]["lr"]),
                 "seconds": time.perf_counter() - t0,
             }
+            row = distributed.broadcast(row)  # every rank decides on rank 0's numbers
             improved = state.improves(row, monitor)
             if improved:
                 state.mark_best(row, monitor)
-                run.save_best(paths["model"], row)
-            state.end_epoch(row, paths["history"], config.min_epochs, config.patience)
-            save_state(paths["last"], state, run, config, device, identity)
-            if on_epoch is not None:
+                if main:
+                    run.save_best(paths["model"], row)
+            state.end_epoch(row, paths["history"] if main else None, config.min_epochs, config.patience)
+            memory = distributed.all_gather(peak_memory(device))
+            if main:
+                save_state(paths["last"], state, run, config, device, identity)
+                write_json(out_dir / "training.json", run_summary(state, monitor, memory))
+            if on_epoch is not None and main:
                 on_epoch({**row, "best_epoch": state.best_epoch, "improved": improved})
+        distributed.barrier()  # the other ranks return once rank 0's files are written
 
     return RunResult(
         out_dir=out_dir,
@@ -217,7 +235,31 @@ def run_training(
         stopped_early=state.stopped,
         monitor=monitor,
         n_classes=int(n_classes),
+        peak_memory=peak_memory(device),
     )
+
+
+def agree_on_start(restored: EpochState | None, out_dir: Path) -> None:
+    """Under torchrun: every rank must resume from the same epoch (or all start afresh)."""
+    epochs = distributed.all_gather(None if restored is None else restored.epoch)
+    if len(set(epochs)) > 1:
+        raise HistomilError(f"{out_dir}: the ranks found different training states to resume from (epochs {epochs}); "
+                            "put the run folder on a file system every rank sees")
+    distributed.barrier()  # nobody deletes last.pt while another rank still reads it
+
+
+def run_summary(state: EpochState, monitor: str, memory: list[dict[str, float]]) -> dict[str, Any]:
+    """What training.json holds: how the run stands and every rank's peak memory (MiB)."""
+    return {
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "stopped_early": state.stopped,
+        "monitor": monitor,
+        "best_metrics": state.best_row(),
+        "world_size": len(memory),
+        "peak_memory": memory[0],
+        "peak_memory_per_rank": memory,
+    }
 
 
 def best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bags: int, n_classes: int) -> dict[str, Any]:
@@ -234,12 +276,6 @@ def best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bag
 
 
 # --- files -------------------------------------------------------------------------------
-
-
-def write_device_record(path: Path, device: torch.device, precision: str) -> None:
-    """``environment.json``: where the run trains (device, its name, precision), atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(device_record(device, precision), indent=2) + "\n")
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:

@@ -133,7 +133,7 @@ def train(
     task.fit(y_train, y_val)
     n_classes = task.output_size()  # the model's outputs per bag: classes, 1 value, 1 risk or time bins
     monitor = task.monitor(config.monitor, y_val)
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device))  # cuda -> cuda:LOCAL_RANK under torchrun
 
     def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_model(config.model, in_dim, n_classes, **config.model_kwargs).to(device)

@@ -1,0 +1,96 @@
+"""DistributedDataParallel training under torchrun (2 CPU processes, gloo) against one process.
+
+The equivalence tested: 2 ranks x batch_size 1 take the same optimizer steps as 1 process x batch_size 2
+(every rank draws the same bag order and tile subsets, rank r trains on positions r, r + 2, ...; DDP
+averages the two ranks' gradients, which is the gradient of the 2-bag batch's mean loss). So the
+histories agree epoch by epoch and the weights agree, up to float32 summation order (tolerance 1e-5),
+for a model without dropout (dropout masks are drawn per rank). Exactly one set of run files is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feature_files import invoke
+from histomil.features.store import write_feature_bag
+from toy_bags import make_bags
+
+CONFIG = "model: gated_abmil\nmodel_kwargs: {dropout: 0.0}\nmax_instances: 8\nlr: 0.001\nlabel_smoothing: 0.1\n"
+
+
+def write_folder(folder: Path, n: int, seed: int, prefix: str) -> Path:
+    folder.mkdir(parents=True)
+    for b in make_bags(n, seed=seed, prefix=prefix)[0]:
+        write_feature_bag(folder / f"{b.bag_id}.h5", b)
+    return folder
+
+
+def histomil_train(tmp: Path, out: str, ranks: int, batch_size: int, epochs: int, stream: str = "off") -> object:
+    args = ["train", tmp / "train", "--val", tmp / "val", "--out", tmp / out, "--config", tmp / "cfg.yaml",
+            "--batch-size", batch_size, "--epochs", epochs, "--min-epochs", 0, "--seed", 3, "--stream", stream]
+    if ranks == 1:  # in this process: saves an interpreter start
+        done = invoke(*args)
+        assert done.exit_code == 0, done.output
+        return done
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone", "-m", "histomil"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def history(path: Path) -> list[dict[str, float]]:
+    with open(path / "history.csv", newline="") as fh:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_folder(tmp / "train", 20, seed=1, prefix="b")
+    write_folder(tmp / "val", 8, seed=2, prefix="v")
+    (tmp / "cfg.yaml").write_text(CONFIG)
+    histomil_train(tmp, "one", ranks=1, batch_size=2, epochs=4)
+    histomil_train(tmp, "two", ranks=2, batch_size=1, epochs=3, stream="on")
+    (tmp / "first_three.csv").write_bytes((tmp / "two" / "history.csv").read_bytes())
+    histomil_train(tmp, "two", ranks=2, batch_size=1, epochs=4, stream="on")  # resumes from epoch 3 on both ranks
+    return tmp
+
+
+def test_two_ranks_match_one_process_with_the_doubled_batch(runs: Path) -> None:
+    one, two = history(runs / "one"), history(runs / "two")
+    assert [r["epoch"] for r in two] == [r["epoch"] for r in one] == [1, 2, 3, 4]
+    (runs / "resumed").mkdir(exist_ok=True)
+    (runs / "resumed" / "history.csv").write_bytes((runs / "first_three.csv").read_bytes())
+    assert two[:3] == history(runs / "resumed")  # epochs 1-3 kept (their seconds too): resumed, not retrained
+    for a, b in zip(one, two):
+        for col in a:
+            if col != "seconds":
+                assert b[col] == pytest.approx(a[col], abs=1e-5), (col, a, b)
+    w1 = torch.load(runs / "one" / "model.pt", weights_only=False)["state_dict"]
+    w2 = torch.load(runs / "two" / "model.pt", weights_only=False)["state_dict"]
+    assert not any(k.startswith("module.") for k in w2)  # saved from the model, not its DDP wrapper
+    for k in w1:
+        np.testing.assert_allclose(w2[k].numpy(), w1[k].numpy(), atol=1e-5)
+
+
+def test_rank_zero_alone_writes_one_run_folder(runs: Path) -> None:
+    names = sorted(p.name for p in (runs / "two").iterdir() if not p.name.startswith("."))
+    assert names == sorted(p.name for p in (runs / "one").iterdir() if not p.name.startswith("."))
+    assert names.count("model.pt") == 1 and "last.pt" in names and not any(n.endswith(".tmp") for n in names)
+    import json
+
+    summary = json.loads((runs / "two" / "training.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_run"] == 4
+    assert all(m["peak_rss_mib"] > 0 for m in summary["peak_memory_per_rank"])
+    assert json.loads((runs / "one" / "training.json").read_text())["world_size"] == 1
