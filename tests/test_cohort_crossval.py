@@ -143,6 +143,7 @@ def test_ensemble_combines_the_fold_models(cohort_run):
 
 def test_resume_skips_finished_folds_and_refuses_changes(cohort_run, tmp_path, monkeypatch):
     root, cfg, summary, _, _, _ = cohort_run
+    cfg = cfg.model_copy(update={"report": False})  # a setting that may change on resume (no fold depends on it)
     run = tmp_path / "cv"
     shutil.copytree(root / "cv", run)
     spies = Spies(monkeypatch)
@@ -170,7 +171,7 @@ def test_resume_skips_finished_folds_and_refuses_changes(cohort_run, tmp_path, m
 def test_slide_level_bags_average_slides_per_patient(tmp_path, monkeypatch):
     table, feats, slides_of = write_cohort(tmp_path, n_patients=9, seed=3)
     spies = Spies(monkeypatch)
-    summary = run_cohort_crossval(config(table, feats, bag_level="slide", bootstrap_resamples=0), tmp_path / "cv",
+    summary = run_cohort_crossval(config(table, feats, bag_level="slide", bootstrap_resamples=0, report=False), tmp_path / "cv",
                                   log=lambda _m: None)
     rec = json.loads((tmp_path / "cv" / "seed-0" / "fold-0" / "metrics.json").read_text())
     assert spies.trained[0] == [s for p in rec["patients"]["train"] for s in slides_of[p]]  # one bag per slide
@@ -210,13 +211,15 @@ runner = CliRunner()
 def test_cli_interface(tmp_path):
     table, feats, _ = write_cohort(tmp_path)
     args = ["crossval", "--table", table, "--features", feats, "--target", "label", "--folds", "3", "--out", tmp_path / "cv",
-            "--epochs", "12", "--set", "train.min_epochs=3", "--set", "train.lr=2e-3", "--set", "bootstrap_resamples=100"]
+            "--epochs", "12", "--set", "train.min_epochs=3", "--set", "train.lr=2e-3", "--set", "bootstrap_resamples=100",
+            "--set", "report=false"]
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "positive class 'tumor'" in result.output and "| pooled, seed-0 |" in result.output
     metrics = json.loads((tmp_path / "cv" / "metrics.json").read_text())
     assert metrics["pooled"]["seed-0"]["roc_auc"]["value"] > 0.9
     assert json.loads((tmp_path / "cv" / "config.json").read_text())["train"]["lr"] == 2e-3
+    assert (tmp_path / "cv" / "crossval.md").is_file() and not (tmp_path / "cv" / "report.html").exists()
     # one-line errors, no traceback
     for bad, message in [
         (["crossval", "--table", table, "--features", feats, "--out", tmp_path / "x"], "--target missing"),

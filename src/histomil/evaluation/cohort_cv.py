@@ -23,7 +23,8 @@ Then ``oof_predictions.csv`` (every patient once per seed), ``metrics.json`` (pe
 seed, mean ± sd over folds, bootstrap 95% intervals), ``ensemble.pt`` (all fold models, mean
 probability: ``evaluate``, ``predict``, ``predict-slides`` and ``heatmap --features`` take it), the
 held-out patients' predictions by the ensemble, and for binary targets ``crossval.json`` /
-``crossval.md`` / ``report.html`` with per-fold curves (:mod:`histomil.reports.html`).
+``crossval.md`` / ``report.html`` with per-fold ROC and training curves (:mod:`histomil.reports.html`;
+``report: false`` leaves out the plots and the HTML page).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ from histomil.evaluation.splitting import (
 from histomil.evaluation.threshold import ThresholdConfig, fit_threshold
 from histomil.features.validate import training_encoder_info
 from histomil.hardware import run_environment
-from histomil.reports.plots import plot_training_curves
 from histomil.reports.tables import write_json
 from histomil.training.trainer import TrainConfig, predict, train
 
@@ -61,7 +61,7 @@ Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 # Settings that may change between a stopped cross-validation and its resumption: they change no fold's
 # result (the table and feature files are compared by content digest, not by path).
-RESUMABLE = {("seeds",), ("bootstrap_resamples",), ("calibration_bins",), ("table",), ("clinical_table",),
+RESUMABLE = {("seeds",), ("bootstrap_resamples",), ("calibration_bins",), ("report",), ("table",), ("clinical_table",),
              ("features",), ("train", "device"), ("train", "threads")}
 
 
@@ -98,6 +98,7 @@ class CohortCVConfig(_Strict):
     threshold: ThresholdConfig = ThresholdConfig()
     bootstrap_resamples: int = Field(1000, ge=0)  # 0 = no confidence intervals
     calibration_bins: int = Field(10, ge=1)
+    report: bool = True  # binary targets: ROC/PR and reliability plots, report.html (per-fold curves)
 
     @model_validator(mode="after")
     def _check(self) -> CohortCVConfig:
@@ -202,10 +203,6 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
         test_metrics = fold_metrics(y_test, test_probs, threshold, cfg.bootstrap_resamples, cfg.calibration_bins,
                                     boot_seed=seed * 1000 + fold)
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
-        try:
-            plot_training_curves(result.history_path, fold_dir / "training_curves.png", best_epoch=result.best_epoch)
-        except HistomilError as exc:  # a figure is not worth failing the fold for
-            log(f"{name}: no training curves ({exc})")
         state["line"] = (f"{name}: " + (f"threshold {threshold:.3f} (on validation); " if threshold is not None else "")
                          + f"test ROC-AUC {test_metrics.get('roc_auc', float('nan')):.3f},"
                          f" balanced accuracy {test_metrics['balanced_accuracy']:.3f}")

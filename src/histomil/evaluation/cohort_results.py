@@ -8,8 +8,8 @@
   the mean (:func:`~.cv_summary.summarize_folds`), and the held-out patients' metrics;
 * ``ensemble.pt``: every fold model combined (:func:`histomil.training.checkpoint.combine_checkpoints`),
   mean probability; its threshold is the mean of the folds' validation thresholds;
-* binary targets: ``crossval.json``, ``crossval.md``, ``roc_pr.png``, ``reliability.png`` and the HTML
-  report (per-fold ROC and training curves).
+* binary targets: ``crossval.json``, ``crossval.md`` and (unless ``report: false``) ``roc_pr.png``,
+  ``reliability.png`` and the HTML report (per-fold ROC and training curves).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def write_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[M
     }
     if binary:
         cv = summarize_folds(records, lambda r, name: out / r["dir"] / f"predictions_{name}.csv", out, cfg.threshold,
-                             cfg.bootstrap_resamples, cfg.calibration_bins)
+                             cfg.bootstrap_resamples, cfg.calibration_bins, plots=cfg.report)
         summary["mean_over_folds"] = cv["test_sets"]["test"]["metrics"]
         summary["ece"] = cv["test_sets"]["test"]["ece"]
         crossval = {"format": "histomil-crossval", "input_kind": "Cohort table", "table": cohort.source,
@@ -177,7 +177,7 @@ def write_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[M
         summary["holdout"] = _holdout(out, source, holdout, ensemble, binary, cfg.bootstrap_resamples, cfg.calibration_bins)
     summary["files"] = {"oof_predictions": "oof_predictions.csv", "ensemble": "ensemble.pt",
                         "fold_models": [f"{r['dir']}/model.pt" for r in records]}
-    if binary:
+    if binary and cfg.report:
         from histomil.reports.html import build_report
 
         try:

@@ -59,8 +59,10 @@ def summarize_folds(
     threshold: ThresholdConfig,
     bootstrap_resamples: int,
     calibration_bins: int,
+    plots: bool = True,
 ) -> dict[str, Any]:
-    """Combine the fold records per test set: mean/std over runs, bootstrap CIs, ECE, plots (in ``out``).
+    """Combine the fold records per test set: mean/std over runs, bootstrap CIs, ECE, plots (in ``out``, unless
+    ``plots`` is False).
 
     Returns ``n_runs``, ``bootstrap_resamples``, ``calibration_bins``, ``threshold`` (rule and per-run
     statistics), ``test_sets`` and ``runs`` (one line per fold record)."""
@@ -99,7 +101,7 @@ def summarize_folds(
                 **summarize_runs([{"ece": m.get("ece")} for m in per_run], ("ece",))["ece"],
             },
         }
-    if curves:
+    if curves and plots:
         plot_roc_pr(curves, out / "roc_pr.png", title=f"pooled over {len(records)} runs")
         plot_reliability(curves, out / "reliability.png", calibration_bins,
                          title=f"reliability, pooled over {len(records)} runs")
