@@ -116,3 +116,51 @@ def test_logrank_and_kaplan_meier_hand_computed(tmp_path) -> None:
     # one group empty: the curve of the other, no test
     lone = plot_km_risk_groups(targets, risk, 10.0, tmp_path / "one.png")
     assert lone["groups"]["high risk"]["n"] == 0 and math.isnan(lone["logrank_p"])
+
+
+def test_evaluate_survival_takes_everything_fitted_from_the_training_bags(tmp_path) -> None:
+    from histomil.evaluation.survival_report import evaluate_survival, held_out_times
+
+    rng = np.random.default_rng(4)
+
+    def cohort(n: int) -> tuple[np.ndarray, object]:
+        x = rng.uniform(0, 1, n)
+        t_event, t_cens = rng.exponential(1 / np.exp(2 * x)), rng.exponential(2.0, n)
+        return 2 * x, survival_targets(np.minimum(t_event, t_cens), t_event <= t_cens)
+
+    train_risk, train = cohort(300)
+    test_risk, test = cohort(200)
+    shifted = train_risk + 0.5  # a training median above the test one: the groups must follow the training cut
+    out = evaluate_survival(train, shifted, test, test_risk, km_png=tmp_path / "km.png", n_resamples=20)
+    times = held_out_times(train, test)
+    assert out["times"] == times.tolist() and times.max() < train.time.max()
+    assert out["risk_groups"]["cut"] == pytest.approx(float(np.median(shifted)))
+    assert out["risk_groups"]["groups"]["high risk"]["n"] == int((test_risk > np.median(shifted)).sum())
+    expected = survival_metrics(test, test_risk, train, times, breslow_survival(train, shifted, test_risk, times))
+    for m, v in expected.items():
+        assert out["metrics"][m]["value"] == pytest.approx(v)
+    assert out["metrics"]["cindex_harrell"]["value"] > 0.6 and out["risk_groups"]["logrank_p"] < 0.01
+    assert (tmp_path / "km.png").stat().st_size > 1000
+
+
+def test_censoring_past_the_evaluation_times_changes_no_brier_score_or_auc() -> None:
+    from histomil.evaluation.survival import inside_training_follow_up
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, 150)
+    t_event, t_cens = rng.exponential(1 / np.exp(2 * x)), rng.exponential(2.0, 150)
+    test = survival_targets(np.minimum(t_event, t_cens), t_event <= t_cens)
+    train = survival_targets(np.r_[test.time, 100.0], np.r_[test.event, False])  # followed longer than the test bags
+    times = evaluation_times(test)
+    surv = breslow_survival(train, np.r_[2 * x, 0.0], 2 * x, times)
+    # censor the test bags by hand between the last evaluation time and the last test time: nothing moves
+    cut = 1.01 * times.max()
+    late = test.time > cut
+    censored = survival_targets(np.where(late, cut, test.time), test.event & ~late)
+    assert late.sum() > 10
+    assert ibs(train, censored, surv, times) == pytest.approx(ibs(train, test, surv, times), rel=1e-12)
+    assert td_auc(train, censored, 2 * x, times)[1] == pytest.approx(td_auc(train, test, 2 * x, times)[1], rel=1e-12)
+    # test bags followed past the last training time are censored there, so they can be scored at all
+    short = survival_targets(np.minimum(train.time[:-1], np.quantile(test.time, 0.9)), train.event[:-1])
+    moved = inside_training_follow_up(short, test, times)
+    assert moved.time.max() < short.time.max() and math.isfinite(ibs(short, test, surv, times))

@@ -110,3 +110,13 @@ def test_survival_loss_on_validation_matches_cox_partial_likelihood() -> None:
     assert m["val_loss"] == pytest.approx(np.log(5) / 2)  # Efron, as in test_survival_losses
     # comparable pairs: bag 1 vs 3 (risk tie, 1/2) and bag 2 vs 3 (concordant); the tied events are not
     assert m["val_cindex"] == pytest.approx(0.75)
+
+
+def test_discrete_survival_at_times_steps_at_the_bin_edges() -> None:
+    task = SurvivalTask("discrete", {"n_bins": 3})
+    task.restore({"edges": [1.0, 2.0]})
+    pred = np.array([[0.0, 0.9, 0.5, 0.2]])  # risk, then S after bins 0, 1, 2
+    # inside bin 0 nothing is survived yet (1), inside bin 1 bin 0 is (0.9), from 2 on bins 0-1 (0.5)
+    assert task.survival_at(pred, np.array([0.5, 1.0, 1.5, 2.5])).tolist() == [[1.0, 0.9, 0.9, 0.5]]
+    with pytest.raises(HistomilError, match="baseline hazard"):
+        SurvivalTask().survival_at(pred[:, :1], np.array([1.0]))

@@ -172,10 +172,11 @@ def read_survival_cohort(table: str | Path) -> list[dict[str, Any]]:
              "witnesses": int(r["witnesses"]), "log_hazard": float(r["log_hazard"])} for r in rows]
 
 
-def with_targets(bag: FeatureBag, time: float, event: int) -> FeatureBag:
-    """The bag with its survival target ``(time, event)`` set (features shared, not copied)."""
-    return FeatureBag(bag.bag_id, bag.features, bag.tile_paths, label=None, coords=bag.coords, attrs=bag.attrs,
-                      target=(float(time), float(event)))
+def with_targets(bag: FeatureBag, time: float, event: int, bag_id: str | None = None) -> FeatureBag:
+    """The bag (renamed ``bag_id`` if given) with its survival target ``(time, event)`` set (features
+    shared, not copied)."""
+    return FeatureBag(bag_id or bag.bag_id, bag.features, bag.tile_paths, label=None, coords=bag.coords,
+                      attrs=bag.attrs, target=(float(time), float(event)))
 
 
 def cohort_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -124,6 +124,22 @@ def cindex_uno(train: SurvivalTargets, targets: SurvivalTargets, risk: Any, tau:
         return math.nan
 
 
+def inside_training_follow_up(train: SurvivalTargets, targets: SurvivalTargets, times: np.ndarray) -> SurvivalTargets:
+    """``targets`` censored administratively between the last evaluation time and the last training time.
+
+    scikit-survival weights each test event by the training censoring distribution at its time and
+    refuses times past the last training time. A bag followed beyond every evaluation time is a survivor
+    at all of them either way, so censoring it there changes no Brier score or time-dependent AUC; it
+    only lets test bags followed longer than the training bags be scored."""
+    if times.size == 0 or targets.time.max() < train.time.max():
+        return targets
+    cut = 0.5 * (float(times.max()) + float(train.time.max()))
+    if not times.max() < cut < train.time.max():
+        return targets
+    late = targets.time > cut
+    return SurvivalTargets(np.where(late, cut, targets.time), targets.event & ~late)
+
+
 def td_auc(train: SurvivalTargets, targets: SurvivalTargets, risk: Any, times: np.ndarray) -> tuple[np.ndarray, float]:
     """Cumulative/dynamic AUC at each of ``times`` and their (survival-weighted) mean; NaN when undefined."""
     r = _risk(risk, len(targets), "time-dependent AUC")
@@ -132,7 +148,8 @@ def td_auc(train: SurvivalTargets, targets: SurvivalTargets, risk: Any, times: n
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            aucs, mean = cumulative_dynamic_auc(train.structured(), targets.structured(), r, times)
+            test = inside_training_follow_up(train, targets, times).structured()
+            aucs, mean = cumulative_dynamic_auc(train.structured(), test, r, times)
         return np.asarray(aucs, dtype=np.float64), float(mean)
     except (ValueError, ZeroDivisionError):
         return np.full(times.size, math.nan), math.nan
@@ -145,7 +162,8 @@ def ibs(train: SurvivalTargets, targets: SurvivalTargets, survival: np.ndarray, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(integrated_brier_score(train.structured(), targets.structured(), survival, times))
+            test = inside_training_follow_up(train, targets, times).structured()
+            return float(integrated_brier_score(train.structured(), test, survival, times))
     except (ValueError, ZeroDivisionError):
         return math.nan
 
@@ -213,14 +231,16 @@ def survival_bootstrap_ci(
     times: np.ndarray | None = None,
     survival: np.ndarray | None = None,
     tau: float | None = None,
-    n_resamples: int = 1000,
+    n_resamples: int = 200,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, dict[str, float | int]]:
     """Point estimate and percentile bootstrap interval of each metric, resampling bags.
 
     The evaluation times and ``tau`` are fixed from all bags; the censoring distribution stays the
-    training one. Returns ``{metric: {"value", "low", "high", "n_valid", "n_skipped"}}`` as
+    training one. Each resample runs scikit-survival's estimators afresh (about 0.05-0.09 s for 300
+    bags on a shared 2-core AMD EPYC), hence 200 resamples by default rather than the 1,000 of
+    :func:`histomil.evaluation.bootstrap.bootstrap_ci`. Returns ``{metric: {"value", "low", "high", "n_valid", "n_skipped"}}`` as
     :func:`histomil.evaluation.bootstrap.bootstrap_ci` does.
     """
     if int(n_resamples) < 1:

@@ -56,8 +56,7 @@ def risk_groups(targets: SurvivalTargets, risk: Any, cut: float) -> dict[str, An
 def plot_km_risk_groups(
     targets: SurvivalTargets, risk: Any, cut: float, out_png: str | Path, title: str | None = None
 ) -> dict[str, Any]:
-    """Draw the Kaplan-Meier curves of :func:`risk_groups` into ``out_png``; returns its summary (JSON-able:
-    group sizes, events, median survival, the cut and the log-rank test, without the curves)."""
+    """Draw the Kaplan-Meier curves of :func:`risk_groups` into ``out_png``; returns :func:`risk_groups_summary`."""
     summary = risk_groups(targets, risk, cut)
     fig = new_figure(6.4, 4.6)
     ax = fig.subplots()
@@ -80,6 +79,12 @@ def plot_km_risk_groups(
     p_text = f"log-rank p = {p:.2g}" if math.isfinite(p) else "log-rank p: n/a"
     ax.set_title(f"{title + ': ' if title else ''}{p_text}\n{cut_text}", fontsize=10)
     save_figure(fig, out_png)
-    return {"cut": summary["cut"], "logrank_chisq": summary["logrank_chisq"], "logrank_p": p,
+    return risk_groups_summary(summary)
+
+
+def risk_groups_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """:func:`risk_groups` without the curves (JSON-able): the cut, the log-rank test, and per group its
+    size, events and median survival (NaN where the curve stays above 0.5)."""
+    return {"cut": result["cut"], "logrank_chisq": result["logrank_chisq"], "logrank_p": result["logrank_p"],
             "groups": {k: {m: g[m] for m in ("n", "events", "median_survival") if m in g}
-                       for k, g in summary["groups"].items()}}
+                       for k, g in result["groups"].items()}}

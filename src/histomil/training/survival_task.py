@@ -135,6 +135,16 @@ class SurvivalTask(Task):
             return np.concatenate([risk, discrete_survival(logits.detach().double()).cpu().numpy()], axis=1)
         return risk
 
+    def survival_at(self, predictions: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Survival probabilities (n, len(times)) of a discrete-time model's :meth:`predict` rows: at a time
+        inside bin k, the probability of having survived bins 0..k-1 (1 in the first bin)."""
+        if self.loss_name != "discrete":
+            raise HistomilError("survival probabilities of a Cox model need a baseline hazard (evaluation.survival.breslow_survival)")
+        per_bin = np.asarray(predictions, dtype=np.float64)[:, 1:]
+        k = np.searchsorted(np.asarray(self.fitted["edges"]), np.asarray(times, dtype=np.float64), side="right")
+        padded = np.concatenate([np.ones((per_bin.shape[0], 1)), per_bin], axis=1)
+        return padded[:, k]
+
     def prediction_columns(self) -> list[str]:
         if self.loss_name == "discrete":
             return ["risk", *(f"survival_bin_{k}" for k in range(self.output_size()))]
