@@ -171,14 +171,17 @@ def test_resume_skips_finished_folds_and_refuses_changes(cohort_run, tmp_path, m
 def test_slide_level_bags_average_slides_per_patient(tmp_path, monkeypatch):
     table, feats, slides_of = write_cohort(tmp_path, n_patients=9, seed=3)
     spies = Spies(monkeypatch)
-    summary = run_cohort_crossval(config(table, feats, bag_level="slide", bootstrap_resamples=0, report=False), tmp_path / "cv",
-                                  log=lambda _m: None)
+    cfg = config(table, feats, bag_level="slide", bootstrap_resamples=0, report=False, seeds=[0, 1])
+    summary = run_cohort_crossval(cfg, tmp_path / "cv", log=lambda _m: None)
     rec = json.loads((tmp_path / "cv" / "seed-0" / "fold-0" / "metrics.json").read_text())
     assert spies.trained[0] == [s for p in rec["patients"]["train"] for s in slides_of[p]]  # one bag per slide
     assert spies.fitted[0] == [s for p in rec["patients"]["val"] for s in slides_of[p]]
     rows = read_csv(tmp_path / "cv" / "oof_predictions.csv")
-    assert sorted(r["patient"] for r in rows) == sorted(slides_of)  # still one prediction per patient
-    assert summary["bag_level"] == "slide" and summary["pooled"]["seed-0"]["n_patients"] == 9
+    for seed in ("0", "1"):  # still one prediction per patient, in every seed
+        assert sorted(r["patient"] for r in rows if r["seed"] == seed) == sorted(slides_of)
+    assert summary["bag_level"] == "slide" and [p["n_patients"] for p in summary["pooled"].values()] == [9, 9]
+    folds = [json.loads((tmp_path / "cv" / f"seed-{s}" / "folds.json").read_text())["folds"] for s in (0, 1)]
+    assert folds[0] != folds[1] and len(summary["per_fold"]) == 6  # each seed draws its own patient folds
 
 
 def test_three_classes_and_held_out_patients(tmp_path):

@@ -39,4 +39,9 @@ def test_every_interop_layout_is_accepted(tmp_path, layout):
     assert metrics["n_patients"] == PATIENTS and metrics["positive_class"] == "yes"
     assert sum(len(f["dir"]) > 0 for f in metrics["per_fold"]) == 2 and (out / "ensemble.pt").is_file()
     assert len((out / "oof_predictions.csv").read_text().splitlines()) == PATIENTS + 1
+    if layout == "trident_h5_20x":  # the ensemble of the fold models draws a heatmap from the cached features
+        slide = INTEROP.parent / "data" / "wsi" / "CMU-1-Small-Region.svs"
+        result = invoke("heatmap", out / "ensemble.pt", slide, "--features", feats / "slide-0.h5", "--out", tmp_path / "hm")
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "hm" / "heatmaps" / "CMU-1-Small-Region_heatmap.png").stat().st_size > 1000
     shutil.rmtree(out)
