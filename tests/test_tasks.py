@@ -179,3 +179,39 @@ def test_evaluate_writes_per_class_and_regression_files(tmp_path) -> None:
     rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions_test.csv")))
     assert list(rows[0]) == ["bag_id", "target", "prediction"] and len(rows) == 30
     assert (tmp_path / "eval" / "scatter.png").stat().st_size > 1000
+
+
+def test_cli_trains_evaluates_and_predicts_a_regression(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from histomil.cli import app
+
+    folders = {}
+    for split, (n, seed) in {"train": (60, 0), "val": (20, 1), "test": (20, 2)}.items():
+        folders[split] = tmp_path / split
+        lines = ["case,target"]
+        for b in _fraction_bags(n, seed):
+            value = b.target[0]
+            b.target = None  # the target comes from targets.csv
+            write_feature_bag(folders[split] / f"{b.bag_id}.h5", b)
+            lines.append(f"{b.bag_id},{value}")
+        (folders[split] / "targets.csv").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    run = runner.invoke(app, ["train", str(folders["train"]), "--val", str(folders["val"]), "--out", str(tmp_path / "run"),
+                              "--task", "regression", "--loss", "huber", "--model", "mean_pool", "--epochs", "3",
+                              "--min-epochs", "3", "--monitor", "val_r2"])
+    assert run.exit_code == 0, run.output
+    ev = runner.invoke(app, ["evaluate", str(tmp_path / "run" / "model.pt"), str(folders["test"]), "--out",
+                             str(tmp_path / "eval"), "--task", "regression"])
+    assert ev.exit_code == 0, ev.output
+    assert "spearman" in ev.output and (tmp_path / "eval" / "scatter.png").is_file()
+    wrong = runner.invoke(app, ["evaluate", str(tmp_path / "run" / "model.pt"), str(folders["test"]), "--out",
+                                str(tmp_path / "eval2"), "--task", "survival"])
+    assert wrong.exit_code != 0 and "trained for regression, not survival" in wrong.output
+    pr = runner.invoke(app, ["predict", str(tmp_path / "run" / "model.pt"), str(folders["test"]), "--out", str(tmp_path / "p.csv")])
+    assert pr.exit_code == 0, pr.output
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == 20 and "prediction" in rows[0] and "prob_positive" not in rows[0]
+    bad = runner.invoke(app, ["train", str(folders["train"]), "--val", str(folders["val"]), "--out", str(tmp_path / "run2"),
+                              "--task", "classification"])
+    assert bad.exit_code != 0 and "no label" in bad.output

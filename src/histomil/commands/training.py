@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from histomil.config import check_range, read_mapping, validate, validate_options
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
@@ -32,13 +33,17 @@ def train_cmd(
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
     lr: Optional[float] = typer.Option(None, help="Adam learning rate."),
     batch_size: Optional[int] = typer.Option(None, help="Bags per step."),
-    monitor: Optional[str] = typer.Option(None, help="val_loss or val_auc."),
+    monitor: Optional[str] = typer.Option(None, help="val_loss, or a score of the task: val_auc (classification); val_r2, val_pearson, val_spearman (regression); val_cindex (survival)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
     min_epochs: Optional[int] = typer.Option(None, help="Never stop before this epoch."),
     seed: Optional[int] = typer.Option(None, help="Random seed."),
+    task: Optional[str] = typer.Option(None, help="What a bag's target is: classification (labels.csv case,y_true; the default), regression (targets.csv case,target) or survival (targets.csv case,time,event)."),
+    loss: Optional[str] = typer.Option(None, help="The task's loss: regression mse (default) or huber; survival cox (default) or discrete."),
+    targets: Optional[Path] = typer.Option(None, help="Regression / survival: the targets CSV of both folders (default: targets.csv beside each folder's files)."),
     stream: str = typer.Option("auto", help="on: read each bag from its file when training needs it (cohorts larger than "
                                "memory); off: load every bag first; auto: stream when the float32 features would take "
                                "over a quarter of this machine's memory."),
+    device: Optional[str] = typer.Option(None, help="Where the model trains: cpu (the config's default), cuda, cuda:N or auto."),
 ) -> None:
     """Train a MIL model on cached features, with early stopping and a resumable run folder.
 
@@ -55,10 +60,16 @@ def train_cmd(
     from histomil.training.trainer import train
 
     cfg = train_config(config, model=model, epochs=epochs, lr=lr, batch_size=batch_size, monitor=monitor,
-                        patience=patience, min_epochs=min_epochs, seed=seed)
+                        patience=patience, min_epochs=min_epochs, seed=seed, device=device, task=task, loss=loss)
+    resolve_device(cfg.device)  # a GPU asked for and absent: refused before the features are read
     with distributed_session(resolve_device(cfg.device)) as world:  # one process unless under torchrun
-        train_bags = read_training_folder(train_features, stream, processes=world.world_size)
-        val_bags = read_training_folder(val, stream, processes=world.world_size)
+        if cfg.task == "classification":
+            train_bags = read_training_folder(train_features, stream, processes=world.world_size)
+            val_bags = read_training_folder(val, stream, processes=world.world_size)
+        else:  # bags with continuous targets are read into memory (streaming reads class labels only)
+            from histomil.data.targets import load_task_bags
+
+            train_bags, val_bags = (load_task_bags(f, cfg.task, targets) for f in (train_features, val))
         encoder_info = training_encoder_info([*train_bags, *val_bags])
         with progress_bars() as progress:
             result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,

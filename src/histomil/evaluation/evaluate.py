@@ -23,7 +23,10 @@ from histomil.features.validate import check_bags_for_model
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
 from histomil.reports.tables import metrics_markdown, write_json, write_text
 from histomil.devices import device_record, resolve_device
+from histomil.data.targets import load_task_bags
+from histomil.evaluation.task_evaluate import evaluate_task_sets, is_binary
 from histomil.training.checkpoint import load_checkpoint
+from histomil.training.tasks import task_from_checkpoint
 from histomil.training.trainer import predict
 
 
@@ -50,10 +53,15 @@ def evaluate_sets(
     progress: Callable[[str, int, int], None] | None = None,
     allow_encoder_mismatch: bool = False,
     device: str = "cpu",
+    task: str | None = None,
+    targets: str | Path | None = None,
 ) -> dict[str, dict]:
     """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs.
 
     ``device`` (cpu, cuda, cuda:N, auto) is where the model runs; metrics.json records it.
+    ``task``: the target kind the model must have been trained for (None: the model's own, see
+    :mod:`histomil.training.tasks`); ``targets``: regression / survival targets CSV of the sets (default
+    targets.csv beside each). Models other than binary classifiers: :mod:`histomil.evaluation.task_evaluate`.
 
     Every file of every folder is checked for the model (finite, its dimension and encoder; see
     :mod:`histomil.features.validate`); ``allow_encoder_mismatch`` lets another encoder's features through.
@@ -63,6 +71,18 @@ def evaluate_sets(
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev)
+    task_of_model = task_from_checkpoint(meta)
+    if task is not None and task != task_of_model.name:
+        raise HistomilError(f"{checkpoint}: the model was trained for {task_of_model.name}, not {task}")
+    task = task_of_model
+    if not is_binary(task):  # several classes, a value or a survival time: histomil.evaluation.task_evaluate
+        sets = {}
+        for name, folder in test_sets.items():
+            bags = load_task_bags(folder, task.name, targets)
+            check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=folder)
+            sets[name] = (bags, predict(model, bags, task=task))
+        header = {"checkpoint": str(checkpoint), "environment": device_record(dev, "fp32")}
+        return evaluate_task_sets(task, sets, out_dir, header, progress)
     if threshold is None:
         threshold = float(meta.get("threshold", 0.5))
     results: dict[str, dict] = {}

@@ -24,7 +24,9 @@ from histomil.features.validate import check_bags_for_model
 from histomil.hardware import resolve_precision
 from histomil.reports.tables import write_text
 from histomil.devices import resolve_device
+from histomil.evaluation.task_evaluate import prediction_fields
 from histomil.training.checkpoint import load_checkpoint
+from histomil.training.tasks import task_from_checkpoint
 from histomil.training.trainer import predict
 
 
@@ -109,8 +111,13 @@ def predict_source(
     allow_encoder_mismatch: bool = False,
     weights: str | Path | None = None,
     device: str = "cpu",
+    task: str | None = None,
 ) -> list[dict]:
     """Write one CSV row per bag: probability, predicted class and its highest-attention tiles.
+
+    Models of several classes write one ``prob_<class>`` column per class and the argmax class; regression
+    and survival models their value or risk (:func:`histomil.evaluation.task_evaluate.prediction_fields`).
+    ``task`` (classification, regression, survival): refuse a model trained for another.
 
     ``source``: image bag folders, a manifest CSV, or feature files of any layout (a folder or one
     file; see :mod:`histomil.features.formats`), each checked for the model
@@ -127,6 +134,9 @@ def predict_source(
     except ValueError as exc:
         raise HistomilError(str(exc)) from None
     model, meta = load_checkpoint(checkpoint, dev)
+    model_task = task_from_checkpoint(meta)
+    if task is not None and task != model_task.name:
+        raise HistomilError(f"{checkpoint}: the model was trained for {model_task.name}, not {task}")
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else threshold
     out_csv = Path(out_csv)
     feat_dir = features_for_source(
@@ -140,17 +150,15 @@ def predict_source(
         first = unplaced[0].attrs
         warnings.warn(f"{first.get('source_file')}: top_tiles are row numbers ({len(unplaced)} bag(s) without level-0 "
                       f"coordinates: {first.get('coords_missing', 'none recorded')})", stacklevel=2)
-    preds = predict(model, bags, precision=precision)
+    preds = predict(model, bags, precision=precision, task=model_task)
     rows = []
     for bag, (prob, attention) in zip(bags, preds):
-        p = float(prob[1]) if len(prob) == 2 else float(np.max(prob))
         order = np.argsort(-attention)[:top_k] if attention is not None else []
         rows.append(
             {
                 "bag_id": bag.bag_id,
                 "n_tiles": len(bag),
-                "prob_positive": round(p, 6),
-                "predicted_class": int(np.argmax(prob)) if len(prob) > 2 else int(p >= threshold),
+                **prediction_fields(model_task, prob, threshold),
                 "top_tiles": ";".join(tile_name(bag, int(j)) for j in order),
                 "top_attention": ";".join(f"{attention[j]:.4f}" for j in order),
             }
