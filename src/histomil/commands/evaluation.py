@@ -20,12 +20,13 @@ def evaluate_cmd(
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the one stored in the model, 0.5)."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    task: Optional[str] = typer.Option(None, help="classification, regression or survival: refuse a model trained for another (default: the model's task)."),
+    targets: Optional[Path] = typer.Option(None, help="Regression / survival: targets CSV of the test sets (default: targets.csv beside each)."),
 ) -> None:
     """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
 
     Test sets are feature folders of any layout (histomil, CLAM, TRIDENT, STAMP) with a labels.csv."""
     from histomil.evaluation.evaluate import evaluate_sets
-    from histomil.reports.tables import metrics_markdown
 
     check_range("--threshold", threshold, 0, 1)
     resolve_device(device)
@@ -34,8 +35,8 @@ def evaluate_cmd(
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
         results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
-                                allow_encoder_mismatch=allow_encoder_mismatch, device=device)
-    show_result(metrics_markdown(results))
+                                allow_encoder_mismatch=allow_encoder_mismatch, device=device, task=task, targets=targets)
+    show_result((out / "metrics.md").read_text())  # the task's table (binary: metrics_markdown of the results)
     show_result(f"written to {out}")
 
 
@@ -54,6 +55,7 @@ def predict_cmd(
     precision: str = typer.Option("auto", help="Bags: precision of the encoder (image bags) and the MIL head: auto (bf16 where the hardware computes it natively, else fp32), fp32 or bf16."),
     weights: Optional[Path] = typer.Option(None, help="Images and slides: weights file of the model's preset or timm: encoder (default: the local Hugging Face cache)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    task: Optional[str] = typer.Option(None, help="classification, regression or survival: refuse a model trained for another (default: the model's task)."),
 ) -> None:
     """Predict unlabelled bags or slides: probability, class and the tiles that drove the decision.
 
@@ -76,6 +78,8 @@ def predict_cmd(
     with progress_bars() as progress:
         rows = predict_source(model, source, out, top_k, threshold, on_bad_tile, log, progress, precision,
                               slide_mpp=slide_mpp, coords_dir=coords, allow_encoder_mismatch=allow_encoder_mismatch,
-                              weights=weights, device=device)
-    n_pos = sum(r["predicted_class"] for r in rows)
-    show_result(f"{len(rows)} bags predicted ({n_pos} positive); written to {out}")
+                              weights=weights, device=device, task=task)
+    if rows and "prob_positive" in rows[0]:
+        show_result(f"{len(rows)} bags predicted ({sum(r['predicted_class'] for r in rows)} positive); written to {out}")
+    else:
+        show_result(f"{len(rows)} bags predicted; written to {out}")
