@@ -36,6 +36,7 @@ def _main(
 def _register_commands() -> None:
     """Every sub-command, in the order ``histomil --help`` lists them."""
     from histomil.commands import bags, crossval, encoders, evaluation, features, pixels, report, run, slides, training
+    from histomil.commands import synthetic
 
     bags_app.command("make")(bags.bags_make)
     bags_app.command("check")(bags.bags_check)
@@ -56,6 +57,8 @@ def _register_commands() -> None:
     app.command("crossval")(crossval.crossval_cmd)
     app.command("report")(report.report_cmd)
     app.command("encoders")(encoders.encoders_cmd)
+    app.command("synth-cohort")(synthetic.synth_cohort_cmd)
+    app.command("localise")(synthetic.localise_cmd)
 
 
 _register_commands()

@@ -9,27 +9,51 @@ import typer
 
 from histomil.config import check_range
 from histomil.devices import DEVICE_HELP, resolve_device
+from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 
 @user_errors
 def evaluate_cmd(
-    model: Path = typer.Argument(..., help="A model checkpoint (model.pt)."),
-    test_sets: list[Path] = typer.Argument(..., help="One or more labelled feature folders."),
+    model: Path = typer.Argument(..., help="A model checkpoint (model.pt); with --table also a 'crossval --table' folder (each fold model and their ensemble)."),
+    test_sets: Optional[list[Path]] = typer.Argument(None, help="One or more labelled feature folders (not with --table)."),
     out: Path = typer.Option(..., "--out", help="Folder for metrics.json, metrics.md, predictions and plots."),
     threshold: Optional[float] = typer.Option(None, help="Decision threshold (default: the one stored in the model, 0.5)."),
     allow_encoder_mismatch: bool = typer.Option(False, help="Use features of another encoder than the model's (normally refused)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     task: Optional[str] = typer.Option(None, help="classification, regression or survival: refuse a model trained for another (default: the model's task)."),
     targets: Optional[Path] = typer.Option(None, help="Regression / survival: targets CSV of the test sets (default: targets.csv beside each)."),
+    table: Optional[Path] = typer.Option(None, "--table", help="A cohort table (slide, patient, target[, split]) to evaluate on, patient-level, instead of feature folders."),
+    features: Optional[Path] = typer.Option(None, "--features", help="With --table: folder of per-slide feature files <slide>.h5/.pt (any layout)."),
+    target: Optional[str] = typer.Option(None, "--target", help="With --table: the label column."),
+    clinical_table: Optional[Path] = typer.Option(None, "--clinical-table", help="With --table: per-patient table with the target (STAMP style); --table then maps slide -> patient."),
+    split: str = typer.Option("auto", "--split", help="With --table: patients to evaluate: auto (split 'test' when the table has a split column, else all), test, train or all."),
+    bag_level: Optional[str] = typer.Option(None, "--bag-level", help="With --table: patient or slide bags (default: the cross-validation's, else patient)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="With --table: class order, e.g. normal,tumor (default: the cross-validation's, else sorted)."),
+    on_missing: str = typer.Option("error", "--on-missing", help="With --table: error, or skip slides without feature files / files without rows."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="With --table: bootstrap resamples of patients for the 95% intervals (0: none)."),
 ) -> None:
     """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
+
+    With --table: every fold model of a cohort cross-validation and their ensemble on another cohort's
+    patients (patient-level metrics with bootstrap intervals).
 
     Test sets are feature folders of any layout (histomil, CLAM, TRIDENT, STAMP) with a labels.csv."""
     from histomil.evaluation.evaluate import evaluate_sets
 
     check_range("--threshold", threshold, 0, 1)
     resolve_device(device)
+    if table is not None:
+        from histomil.commands.cohort_eval import evaluate_table
+
+        if test_sets:
+            raise HistomilError("give feature folders or --table, not both")
+        evaluate_table(model, table, features, target, out, clinical_table=clinical_table, split=split,
+                       bag_level=bag_level, classes=classes, on_missing=on_missing, threshold=threshold,
+                       bootstrap=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch)
+        return
+    if not test_sets:
+        raise HistomilError("give one or more labelled feature folders, or --table with --features and --target")
     names = [p.name for p in test_sets]
     if len(set(names)) != len(names):
         names = [str(p) for p in test_sets]

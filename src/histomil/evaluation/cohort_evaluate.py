@@ -1,0 +1,205 @@
+"""External validation on a cohort table: each fold model of a cross-validation, and their ensemble,
+evaluated on the patients of another table, with patient-level metrics and bootstrap 95% intervals.
+
+``histomil evaluate cv/ --table external.csv --features F/ --target label --out o/``
+
+``cv/`` is the folder of ``histomil crossval --table`` (fold models ``seed-S/fold-F/model.pt``, their
+ensemble ``ensemble.pt``; its bag level and class order are reused) or a single ``model.pt``. The table is
+read and matched to its feature files exactly as the cross-validation reads its own
+(:mod:`histomil.data.cohort`); with a ``split`` column only the ``test`` patients are evaluated (``split``
+option: ``auto``), so a table that also lists the training patients can be used as is. Each model decides
+at the threshold it recorded (fold models: fitted on their validation patients; the ensemble: the mean of
+those); nothing is fitted on the evaluated patients. Slide-level bags are averaged per patient.
+
+Writes ``predictions_<model>.csv`` per model, ``metrics.json`` (per model, with intervals, and the mean ±
+sd over the fold models), ``metrics.md`` and, for a binary target, ``roc_pr.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from histomil.data.cohort import Cohort, CohortColumns, load_slide_features, match_feature_files, read_cohort
+from histomil.errors import HistomilError
+from histomil.evaluation.bootstrap import summarize_runs
+from histomil.evaluation.cohort_results import fold_metrics, write_fold_predictions
+from histomil.evaluation.cohort_source import CohortSource
+from histomil.features.validate import check_bags_for_model
+from histomil.reports.tables import write_json, write_text
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
+SPLITS = ("auto", "test", "train", "all")
+SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "pr_auc", "f1")
+
+
+def find_models(source: str | Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """name -> checkpoint of a model file or of a cohort cross-validation folder (``fold-S-F`` per fold
+    model, then ``ensemble``), and what that folder recorded (bag level, classes)."""
+    source = Path(source)
+    if source.is_file():
+        return {"model": source}, {}
+    if not source.is_dir():
+        raise HistomilError(f"{source}: no such model file or cross-validation folder")
+    folds = sorted(source.glob("seed-*/fold-*/model.pt"),
+                   key=lambda p: tuple(int(n) for n in re.findall(r"\d+", str(p.relative_to(source)))))
+    models = {f"fold-{p.parent.parent.name.removeprefix('seed-')}-{p.parent.name.removeprefix('fold-')}": p for p in folds}
+    if (source / "ensemble.pt").is_file():
+        models["ensemble"] = source / "ensemble.pt"
+    if not models:
+        raise HistomilError(f"{source}: holds no seed-*/fold-*/model.pt and no ensemble.pt (not a 'crossval --table' folder)")
+    recorded: dict[str, Any] = {}
+    for name in ("metrics.json", "config.json"):
+        try:
+            doc = json.loads((source / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in ("bag_level", "classes"):
+            if doc.get(key) and key not in recorded:
+                recorded[key] = doc[key]
+    return models, recorded
+
+
+def patients_to_evaluate(cohort: Cohort, split: str) -> list[str]:
+    """The patients of ``split``: ``auto`` = the ``test`` patients when the table has a split column, else all."""
+    if split not in SPLITS:
+        raise HistomilError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if split == "all" or (split == "auto" and cohort.patient_split is None):
+        return cohort.patients
+    if cohort.patient_split is None:
+        raise HistomilError(f"{cohort.source}: --split {split} needs a split column, and the table has none")
+    wanted = "test" if split == "auto" else split
+    chosen = [p for p in cohort.patients if cohort.patient_split.get(p) == wanted]
+    if not chosen:
+        raise HistomilError(f"{cohort.source}: no patient has split {wanted!r}")
+    return chosen
+
+
+def subset_cohort(cohort: Cohort, patients: Sequence[str]) -> Cohort:
+    """The cohort restricted to ``patients`` (their slides, labels and feature files)."""
+    keep = set(patients)
+
+    def only(d: dict | None) -> dict | None:
+        return None if d is None else {p: v for p, v in d.items() if p in keep}
+
+    slides = {s: p for s, p in cohort.slide_patient.items() if p in keep}
+    return Cohort(
+        source=cohort.source, target=cohort.target, classes=list(cohort.classes), slide_patient=slides,
+        patient_label=only(cohort.patient_label), patient_target=only(cohort.patient_target),  # type: ignore[arg-type]
+        slide_line={s: n for s, n in cohort.slide_line.items() if s in slides},
+        patient_split=only(cohort.patient_split), patient_fold=only(cohort.patient_fold),
+        patient_group=only(cohort.patient_group),
+        feature_files={s: f for s, f in cohort.feature_files.items() if s in slides},
+    )
+
+
+def evaluate_cohort(
+    model_or_cv: str | Path,
+    table: str | Path,
+    features: str | Path,
+    target: str,
+    out: str | Path,
+    *,
+    clinical_table: str | Path | None = None,
+    columns: CohortColumns = CohortColumns(),
+    classes: Sequence[str] | None = None,
+    on_missing: Literal["error", "skip"] = "error",
+    split: str = "auto",
+    bag_level: str | None = None,
+    threshold: float | None = None,
+    n_resamples: int = 1000,
+    bins: int = 10,
+    allow_encoder_mismatch: bool = False,
+    log: Log | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model of ``model_or_cv`` on the table's patients; write and return ``metrics.json``'s content."""
+    from histomil.training.checkpoint import load_checkpoint
+    from histomil.training.trainer import predict
+
+    out = Path(out)
+    models, recorded = find_models(model_or_cv)
+    if classes is None and recorded.get("classes"):
+        classes = [str(c) for c in recorded["classes"]]
+    level = bag_level or recorded.get("bag_level") or "patient"
+    cohort = read_cohort(table, target, clinical_table=clinical_table, columns=columns, classes=classes, on_missing=on_missing)
+    cohort = match_feature_files(cohort, features, on_missing)
+    patients = patients_to_evaluate(cohort, split)
+    cohort = subset_cohort(cohort, patients)
+    if log:
+        log(f"evaluating {len(models)} model(s) on {cohort.describe()}, bags per {level}")
+    source = CohortSource(cohort, level, load_slide_features(cohort))  # type: ignore[arg-type]
+    bags = source.bags(cohort.patients)
+    binary = len(cohort.classes) == 2
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for i, (name, path) in enumerate(models.items()):
+        model, meta = load_checkpoint(path)
+        task = meta.get("task")
+        task = task.get("name") if isinstance(task, dict) else task
+        if task not in (None, "classification"):
+            raise HistomilError(f"{path}: a {task} model; evaluate --table scores classification models")
+        n_classes = int(meta.get("n_classes", len(cohort.classes)))
+        if n_classes != len(cohort.classes):
+            raise HistomilError(f"{path}: the model predicts {n_classes} classes, the table has "
+                                f"{len(cohort.classes)} ({', '.join(cohort.classes)})")
+        check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=features)
+        names, probs = source.per_patient(bags, np.stack([p for p, _ in predict(model, bags)]))
+        y = source.labels(names)
+        cut = (threshold if threshold is not None else float(meta.get("threshold", 0.5))) if binary else None
+        write_fold_predictions(out / f"predictions_{name}.csv", names, y, probs, cut, cohort.classes)
+        results[name] = {"checkpoint": str(path), "n_patients": len(names),
+                         **fold_metrics(y, probs, cut, n_resamples, bins)}
+        if binary:
+            curves[name] = (y, probs[:, 1])
+        if progress:
+            progress("evaluating models", i + 1, len(models))
+    folds = [m for n, m in results.items() if n.startswith("fold-")]
+    summary: dict[str, Any] = {
+        "format": "histomil-cohort-evaluation", "models_from": str(model_or_cv), "table": cohort.source,
+        "features": str(features), "target": target, "classes": cohort.classes, "positive_class": cohort.positive_class,
+        "split": split, "bag_level": level, "n_patients": len(cohort.patients), "n_slides": len(cohort.slides),
+        "class_counts": cohort.class_counts(), "bootstrap_resamples": n_resamples, "models": results,
+    }
+    if len(folds) > 1:
+        summary["fold_models_mean"] = summarize_runs(folds, SUMMARY_METRICS)
+    write_json(out / "metrics.json", summary)
+    write_text(out / "metrics.md", evaluation_markdown(summary))
+    if curves:
+        from histomil.reports.plots import plot_roc_pr
+
+        plot_roc_pr(curves, out / "roc_pr.png")
+    return summary
+
+
+def _with_ci(m: dict[str, Any], key: str) -> str:
+    value = m.get(key)
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    ci = (m.get("ci") or {}).get(key)
+    if ci and ci.get("low") is not None and np.isfinite(ci["low"]):
+        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+    return f"{value:.3f}"
+
+
+def evaluation_markdown(summary: dict[str, Any]) -> str:
+    """One row per model (metric with its 95% interval) and a row of mean ± sd over the fold models."""
+    keys = [k for k in ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity")
+            if any(k in m for m in summary["models"].values())]
+    lines = [f"{summary['n_patients']} patients ({summary['n_slides']} slides) of {summary['table']}; "
+             f"95% bootstrap intervals over patients\n",
+             "| model | patients | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for name, m in summary["models"].items():
+        lines.append(f"| {name} | {m['n_patients']} | " + " | ".join(_with_ci(m, k) for k in keys) + " |")
+    mean = summary.get("fold_models_mean")
+    if mean:
+        cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" if k in mean and np.isfinite(mean[k]["mean"]) else "n/a"
+                 for k in keys]
+        lines.append(f"| fold models, mean ± sd | | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
