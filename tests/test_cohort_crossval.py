@@ -233,3 +233,25 @@ def test_cli_interface(tmp_path):
     ]:
         result = runner.invoke(app, [str(a) for a in bad])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_cli_two_tables_classes_and_skipped_slides(tmp_path):
+    table, feats, slides_of = write_cohort(tmp_path, n_patients=10, seed=7)
+    slides = tmp_path / "slides.csv"
+    slides.write_text("slide,PATIENT_ID\n" + "".join(f"{s},{p}\n" for p, ss in slides_of.items() for s in ss) + "lost-slide,P03\n")
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text("PATIENT_ID,status\n" + "".join(f"{p},{'tumor' if int(p[1:]) % 2 else 'normal'}\n" for p in slides_of))
+    args = ["crossval", "--table", slides, "--clinical-table", clinical, "--features", feats, "--target", "status",
+            "--patient-column", "patient_id", "--classes", "tumor,normal", "--folds", "2", "--epochs", "2",
+            "--out", tmp_path / "cv", "--set", "report=false", "--set", "bootstrap_resamples=0"]
+    result = runner.invoke(app, [str(a) for a in args])
+    line = sum(map(len, slides_of.values())) + 2
+    assert result.exit_code == 2 and f"have no feature file in {feats}: lost-slide (line {line})" in " ".join(result.output.split())
+    result = runner.invoke(app, [str(a) for a in args + ["--on-missing", "skip"]])
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "lost-slide" in result.output
+    metrics = json.loads((tmp_path / "cv" / "metrics.json").read_text())
+    assert metrics["classes"] == ["tumor", "normal"] and metrics["positive_class"] == "normal"
+    assert metrics["n_slides"] == sum(map(len, slides_of.values()))
+    oof = read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    assert all(int(r["y_true"]) == (0 if r["label"] == "tumor" else 1) for r in oof)
