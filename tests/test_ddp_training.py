@@ -94,3 +94,28 @@ def test_rank_zero_alone_writes_one_run_folder(runs: Path) -> None:
     assert summary["world_size"] == 2 and summary["epochs_run"] == 4
     assert all(m["peak_rss_mib"] > 0 for m in summary["peak_memory_per_rank"])
     assert json.loads((runs / "one" / "training.json").read_text())["world_size"] == 1
+
+
+def test_crossval_folds_spread_over_ranks_give_the_single_process_results(tmp_path: Path) -> None:
+    """torchrun with 2 ranks: folds 0 and 2 on rank 0, fold 1 on rank 1, each trained by one process, so
+    the out-of-fold predictions equal one process's exactly; rank 0 alone writes the results."""
+    from cohort_data import write_cohort
+
+    table, feats, _ = write_cohort(tmp_path)
+    args = ["crossval", "--table", table, "--features", feats, "--target", "label", "--folds", "3", "--epochs", "4",
+            "--set", "train.min_epochs=2", "--set", "bootstrap_resamples=0", "--set", "report=false"]
+    one = invoke(*args, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+                          "histomil", *map(str, args), "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         env=env, timeout=240)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("| pooled, seed-0 |") == 1  # the table is shown once, by rank 0
+    assert (tmp_path / "two" / "oof_predictions.csv").read_text() == (tmp_path / "one" / "oof_predictions.csv").read_text()
+    import json
+
+    m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m2["pooled"] == m1["pooled"] and m2["mean_over_folds"] == m1["mean_over_folds"]

@@ -53,3 +53,12 @@ def test_shards_are_deterministic_and_change_with_epoch() -> None:
     assert np.array_equal(d.shard_indices(6, 1, 2), [1, 3, 5])  # no seed: natural order
     with pytest.raises(HistomilError, match="rank"):
         d.shard_indices(5, 2, 2)
+
+
+def test_local_only_sets_the_process_group_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert not d.is_main() and d.jobs_of_rank(7) == [1, 4]
+    with d.local_only():
+        assert d.is_main() and not d.active() and d.jobs_of_rank(3) == [0, 1, 2]
+    assert not d.is_main()

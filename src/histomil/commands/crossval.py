@@ -74,8 +74,14 @@ def crossval_cmd(
         **({"columns": columns} if columns else {}), **({"train": train} if train else {}),
     }
     cfg = cohort_config(options, train_config, overrides)
-    with progress_bars() as progress:
-        summary = run_cohort_crossval(cfg, out, log=log, progress=progress)
+    from histomil.training.common import resolve_device
+    from histomil.training.distributed import FOLD_TIMEOUT, distributed_session
+
+    # under torchrun the folds are spread over the ranks; rank 0 writes and shows the results
+    with distributed_session(resolve_device(cfg.train.device), timeout=FOLD_TIMEOUT) as world, progress_bars() as progress:
+        summary = run_cohort_crossval(cfg, out, log=log if world.is_main else (lambda _m: None), progress=progress)
+    if not world.is_main:
+        return
     show_result(_cohort_table(summary))
     show_result(f"wall time {summary['wall_seconds']:.0f} s; out-of-fold predictions, metrics, fold models and "
                 f"ensemble.pt in {out}")
@@ -83,6 +89,11 @@ def crossval_cmd(
 
 def _tile_study(config: Path, out: Path, overrides: dict[str, Any]) -> None:
     from histomil.evaluation.protocol import crossval_markdown, load_crossval_config, run_crossval
+    from histomil.training.distributed import world
+
+    if world().distributed:
+        raise HistomilError(f"{config}: a tile-study cross-validation runs as one process; start it without torchrun "
+                            "(slide cohorts, --table ..., spread their folds over torchrun's processes)")
 
     cfg = load_crossval_config(config, overrides)
     with progress_bars() as progress:

@@ -55,6 +55,7 @@ from histomil.evaluation.threshold import ThresholdConfig, fit_threshold
 from histomil.features.validate import training_encoder_info
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
+from histomil.training import distributed
 from histomil.training.trainer import TrainConfig, predict, train
 
 Log = Callable[[str], None]
@@ -232,7 +233,10 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
 
 def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = print,
                         progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or resume) the cohort cross-validation and write its results; returns metrics.json's content."""
+    """Run (or resume) the cohort cross-validation and write its results; returns metrics.json's content.
+
+    Under torchrun the folds are spread over the ranks (fold i of the seeds' folds on rank i % ranks, each
+    trained by its rank alone); rank 0 then writes the results and returns them, the other ranks return {}."""
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,30 +248,42 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
     cohort = match_feature_files(cohort, cfg.features, cfg.on_missing)
     log(f"{cohort.source}: {cohort.describe()}")
     source = CohortSource(cohort, cfg.bag_level, load_slide_features(cohort))
-    check_inputs(
-        out, {"cohort_digest": cohort.digest(), "features_digest": source.features_digest()},
-        {"cohort_digest": f"{cohort.source}: the cohort table changed (slides, patients, labels, classes, splits, folds or groups)",
-         "features_digest": f"{cfg.features}: the slides' feature files changed"},
-        notes={"table": str(cfg.table), "features": str(cfg.features)},
-    )
-    write_json(out / "config.json", cfg_json)
-    write_json(out / "environment.json", run_environment("fp32", cfg.train.device if cfg.train.device != "auto" else None))
+    main = distributed.is_main()  # under torchrun: folds spread over the ranks, rank 0 writes the results
+    if main:
+        check_inputs(
+            out, {"cohort_digest": cohort.digest(), "features_digest": source.features_digest()},
+            {"cohort_digest": f"{cohort.source}: the cohort table changed (slides, patients, labels, classes, splits, folds or groups)",
+             "features_digest": f"{cfg.features}: the slides' feature files changed"},
+            notes={"table": str(cfg.table), "features": str(cfg.features)},
+        )
+        write_json(out / "config.json", cfg_json)
+        write_json(out / "environment.json", run_environment("fp32", cfg.train.device if cfg.train.device != "auto" else None))
     holdout = {p for p, s in (cohort.patient_split or {}).items() if s == "test"}
     patients = [p for p in cohort.patients if p not in holdout]
     log(f"{len(patients)} patients cross-validated in {cfg.folds} folds x {len(cfg.seeds)} seed(s), bags per "
         f"{cfg.bag_level}" + (f"; {len(holdout)} held out (split column 'test')" if holdout else ""))
 
-    records: list[dict[str, Any]] = []
-    total = cfg.folds * len(cfg.seeds)
+    jobs: list[tuple[int, int, Mapping[str, str]]] = []
     for seed in cfg.seeds:
         folds = cohort_folds(source, patients, cfg.folds, seed, cfg.val_fraction)
-        (out / f"seed-{seed}").mkdir(exist_ok=True)
-        check_folds(out / f"seed-{seed}" / "folds.json",
-                    {"seed": seed, "folds": [{r: sorted(ps) for r, ps in roles_of(a).items()} for a in folds]}, cohort.source)
-        for f, assignment in enumerate(folds):
+        if main:
+            (out / f"seed-{seed}").mkdir(exist_ok=True)
+            check_folds(out / f"seed-{seed}" / "folds.json",
+                        {"seed": seed, "folds": [{r: sorted(ps) for r, ps in roles_of(a).items()} for a in folds]}, cohort.source)
+        jobs += [(seed, f, assignment) for f, assignment in enumerate(folds)]
+    distributed.barrier()
+    records: list[dict[str, Any]] = []
+    for i in distributed.jobs_of_rank(len(jobs)):  # every fold for one process; folds i % ranks == rank under torchrun
+        seed, f, assignment = jobs[i]
+        with distributed.local_only():  # a fold trains in this process alone
             records.append(_run_fold(cfg, source, out, seed, f, assignment, holdout, log, progress))
-            if progress:
-                progress("cross-validation runs", len(records), total)
+        if progress:
+            progress("cross-validation runs", len(records), len(jobs))
+    if distributed.active():  # rank 0 reads every rank's finished folds back
+        distributed.barrier()
+        if not main:
+            return {}
+        records = [_run_fold(cfg, source, out, seed, f, a, holdout, lambda _m: None, None) for seed, f, a in jobs]
     summary = write_results(cfg, out, source, records, holdout, log)
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(out / "metrics.json", summary)

@@ -28,6 +28,8 @@ T = TypeVar("T")
 
 # How long a rank waits for the others at a collective step before giving up (a dead rank).
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+# ... when the ranks run whole jobs (cross-validation folds) between two collective steps.
+FOLD_TIMEOUT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -67,16 +69,41 @@ def world() -> World:
     return World(rank=rank, world_size=size, local_rank=local)
 
 
+# Set inside local_only(): this process works alone although torchrun started several.
+_alone = False
+
+
 def is_main() -> bool:
-    """Whether this process writes shared outputs (rank 0, or the only process)."""
+    """Whether this process writes shared outputs (rank 0, the only process, or inside :func:`local_only`)."""
+    if _alone:
+        return True
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return world().is_main
 
 
 def active() -> bool:
-    """Whether a process group of more than one process is set up."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group of more than one process is set up (and not set aside by :func:`local_only`)."""
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local_only() -> Iterator[None]:
+    """Inside the block this process trains and writes on its own, as if torchrun had started one process
+    (e.g. one cross-validation fold per rank): no DDP wrapper, no collective steps, its own files."""
+    global _alone
+    before, _alone = _alone, True
+    try:
+        yield
+    finally:
+        _alone = before
+
+
+def jobs_of_rank(n_jobs: int) -> list[int]:
+    """The indices of ``n_jobs`` independent jobs (e.g. folds) this rank runs: ``i % world_size == rank``
+    (all of them for one process)."""
+    here = world() if not _alone else World()
+    return [i for i in range(n_jobs) if i % here.world_size == here.rank]
 
 
 def rank_device(device: torch.device) -> torch.device:
