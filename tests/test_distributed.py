@@ -62,3 +62,15 @@ def test_local_only_sets_the_process_group_aside(monkeypatch: pytest.MonkeyPatch
     with d.local_only():
         assert d.is_main() and not d.active() and d.jobs_of_rank(3) == [0, 1, 2]
     assert not d.is_main()
+
+
+def test_commands_that_do_not_shard_refuse_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from feature_files import invoke
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("train-pixels", tmp_path / "bags", "--val", tmp_path / "val", "--out", tmp_path / "out")
+    assert result.exit_code != 0 and "runs as one process" in result.output and "Traceback" not in result.output
+    (tmp_path / "cv.yaml").write_text("study: {}\n")
+    result = invoke("crossval", tmp_path / "cv.yaml", "--out", tmp_path / "cv")
+    assert result.exit_code != 0 and "runs as one process" in result.output

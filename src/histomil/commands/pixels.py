@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from histomil.config import read_mapping
+from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 
@@ -48,8 +49,11 @@ def train_pixels_cmd(
     last finished epoch and ends as an uninterrupted run would have.
     """
     from histomil.data.bags import check_bags, load_bags
+    from histomil.training.distributed import world
     from histomil.training.pixels import PixelTrainConfig, train_pixels
 
+    if world().distributed:  # not sharded over ranks yet: every rank would train the whole study again
+        raise HistomilError("train-pixels runs as one process; start it without torchrun (train on features spreads over torchrun's processes)")
     raw: dict = read_mapping(config) if config is not None else {}
     options = dict(backbone=backbone, model=model, finetune=finetune, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
                    weight_decay=weight_decay, augment_p=augment_p, precision=precision, channels_last=channels_last,
