@@ -34,6 +34,9 @@ def crossval_cmd(
     table: Path | None = typer.Option(None, "--table", help="Cohort table: one row per slide (slide, patient, target[, split, fold, group])."),
     features: Path | None = typer.Option(None, "--features", help="Folder of per-slide feature files <slide>.h5/.pt (histomil, CLAM, TRIDENT, STAMP)."),
     target: str | None = typer.Option(None, "--target", help="The table column to predict."),
+    task: str | None = typer.Option(None, "--task", help="classification (default) or survival (with --time and --event)."),
+    time_column: str | None = typer.Option(None, "--time", help="Survival: the follow-up time column (> 0)."),
+    event_column: str | None = typer.Option(None, "--event", help="Survival: the event column (1 = event, 0 = censored); folds are stratified on it."),
     clinical_table: Path | None = typer.Option(None, "--clinical-table", help="Per-patient table (patient, target...); --table then maps slide -> patient."),
     folds: int | None = typer.Option(None, "--folds", help="Patient-grouped folds (cohort default 5)."),
     seeds: str | None = typer.Option(None, "--seeds", help="Seeds, e.g. 0,1,2: each repeats the folds and training (default 0)."),
@@ -52,13 +55,18 @@ def crossval_cmd(
     cohort_options = {"--table": table, "--features": features, "--target": target, "--clinical-table": clinical_table,
                       "--folds": folds, "--seeds": seeds, "--bag-level": bag_level, "--classes": classes,
                       "--on-missing": on_missing, "--slide-column": slide_column, "--patient-column": patient_column,
-                      "--model": model, "--epochs": epochs, "--config": train_config}
+                      "--model": model, "--epochs": epochs, "--config": train_config, "--task": task,
+                      "--time": time_column, "--event": event_column}
     if config is not None:
         given = [k for k, v in cohort_options.items() if v is not None]
         if given:
             raise HistomilError(f"{config}: a tile-study config takes no {given[0]} (give --table ... without CONFIG for a slide cohort)")
         _tile_study(config, out, overrides)
         return
+    if event_column is not None:
+        if target is not None and target != event_column:
+            raise HistomilError("crossval: --event is the target of a survival cross-validation; give --event or --target, not both")
+        target = cohort_options["--target"] = event_column
     missing = [k for k in ("--table", "--features", "--target") if cohort_options[k] is None]
     if missing:
         raise HistomilError(f"crossval: give a tile-study CONFIG, or a slide cohort with --table, --features and --target "
@@ -69,7 +77,7 @@ def crossval_cmd(
     columns = {k: v for k, v in {"slide": slide_column, "patient": patient_column}.items() if v is not None}
     options: dict[str, Any] = {
         "table": table, "features": features, "target": target, "clinical_table": clinical_table, "folds": folds,
-        "seeds": _seeds(seeds), "bag_level": bag_level, "on_missing": on_missing,
+        "seeds": _seeds(seeds), "bag_level": bag_level, "on_missing": on_missing, "task": task, "time": time_column,
         "classes": classes.split(",") if classes is not None else None,
         **({"columns": columns} if columns else {}), **({"train": train} if train else {}),
     }
@@ -83,8 +91,8 @@ def crossval_cmd(
     if not world.is_main:
         return
     show_result(_cohort_table(summary))
-    show_result(f"wall time {summary['wall_seconds']:.0f} s; out-of-fold predictions, metrics, fold models and "
-                f"ensemble.pt in {out}")
+    ensemble = "" if summary.get("task") == "survival" else " and ensemble.pt"  # risks are not averaged probabilities
+    show_result(f"wall time {summary['wall_seconds']:.0f} s; out-of-fold predictions, metrics, fold models{ensemble} in {out}")
 
 
 def _tile_study(config: Path, out: Path, overrides: dict[str, Any]) -> None:

@@ -87,7 +87,10 @@ class CohortCVConfig(_Strict):
     features: Path
     target: str = Field(min_length=1)
     clinical_table: Path | None = None
-    task: Literal["classification"] = "classification"
+    # survival: the target is the event column (0/1; the folds are stratified on it) and ``time`` the
+    # follow-up time column; training, metrics and results are histomil.evaluation.survival_cv's
+    task: Literal["classification", "survival"] = "classification"
+    time: str | None = None
     columns: CohortColumnNames = CohortColumnNames()
     classes: list[str] | None = None  # class order (index 0, 1, ...); default: sorted labels
     on_missing: Literal["error", "skip"] = "error"
@@ -107,6 +110,10 @@ class CohortCVConfig(_Strict):
             raise ValueError("train.seed is not used here: each run's model is seeded from 'seeds'")
         if len(set(self.seeds)) != len(self.seeds) or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be distinct whole numbers >= 0, got {self.seeds}")
+        if (self.task == "survival") != (self.time is not None):
+            raise ValueError("a survival cross-validation needs the time column (--time), and only it takes one")
+        if (self.task == "survival") != (self.train.task == "survival"):
+            raise ValueError(f"task {self.task} trains with train.task {self.train.task}; leave train.task unset")
         return self
 
 
@@ -120,6 +127,11 @@ def cohort_config(options: Mapping[str, Any], train_yaml: str | Path | None = No
         extra = {k: v for k, v in doc.items() if k != "train"} if "train" in doc else {}
         raw = {**extra, **raw, "train": {**(doc.get("train") if "train" in doc else doc), **raw.get("train", {})}}
     raw = config.apply_overrides(raw, overrides)
+    if raw.get("task") == "survival":  # a Cox loss needs several patients per step; early stopping on the c-index
+        from histomil.evaluation.survival_cv import SURVIVAL_DEFAULTS
+
+        raw["train"] = {**SURVIVAL_DEFAULTS["train"], **raw.get("train", {})}
+        raw.setdefault("bootstrap_resamples", SURVIVAL_DEFAULTS["bootstrap_resamples"])
     return config.validate(CohortCVConfig, raw, str(train_yaml) if train_yaml is not None else "crossval options")
 
 
@@ -158,6 +170,10 @@ def _fold_dir(out: Path, seed: int, fold: int) -> Path:
 
 def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, fold: int, assignment: Mapping[str, str],
               holdout: set[str], log: Log, progress: Progress | None) -> dict[str, Any]:
+    if cfg.task == "survival":
+        from histomil.evaluation.survival_cv import run_survival_fold
+
+        return run_survival_fold(cfg, source, out, seed, fold, assignment, holdout, log, progress)
     fold_dir = _fold_dir(out, seed, fold)
     name = f"seed {seed} fold {fold}"
     cohort = source.cohort
@@ -247,6 +263,10 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
                          columns=CohortColumns(c.slide, c.patient, c.split, c.fold, c.group), on_missing=cfg.on_missing)
     cohort = match_feature_files(cohort, cfg.features, cfg.on_missing)
     log(f"{cohort.source}: {cohort.describe()}")
+    if cfg.task == "survival":  # times and events checked before any fold is drawn
+        from histomil.evaluation.survival_cv import cohort_survival
+
+        cohort_survival(cfg, cohort)
     source = CohortSource(cohort, cfg.bag_level, load_slide_features(cohort))
     main = distributed.is_main()  # under torchrun: folds spread over the ranks, rank 0 writes the results
     if main:

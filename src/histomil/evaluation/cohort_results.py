@@ -140,6 +140,10 @@ def _holdout(out: Path, source: CohortSource, patients: set[str], ensemble: Path
 def write_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[Mapping[str, Any]], holdout: set[str],
                   log: Log) -> dict[str, Any]:
     """Write every file listed in the module docstring; returns the content of ``metrics.json``."""
+    if getattr(cfg, "task", "classification") == "survival":
+        from histomil.evaluation.survival_cv import write_survival_results
+
+        return write_survival_results(cfg, out, source, records, holdout, log)
     cohort = source.cohort
     binary = len(cohort.classes) == 2
     _oof_csv(out / "oof_predictions.csv", records, source)
