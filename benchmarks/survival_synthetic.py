@@ -57,7 +57,7 @@ def run_seed(bags: dict[str, Any], rows: list[dict[str, Any]], spec: SurvivalCoh
              out: Path, epochs: int, resamples: int) -> dict[str, Any]:
     """Draw the times of ``seed``, train one model, evaluate it and the oracle on the test bags."""
     draws = draw_times(np.array([r["witnesses"] for r in rows]), spec, seed)
-    split_of = {r["slide"]: r["split"] for r in rows}
+    split_of = {r["slide"]: r["role"] for r in rows}
     sets: dict[str, list] = {"train": [], "val": [], "test": []}
     oracle: dict[str, list[float]] = {"train": [], "val": [], "test": []}
     for r, t, e, lh in zip(rows, draws["time"], draws["event"], draws["log_hazard"]):

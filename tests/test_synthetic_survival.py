@@ -55,8 +55,10 @@ def test_make_survival_cohort_from_real_tiles(tmp_path) -> None:
     rows = read_survival_cohort(table)
     summary = cohort_summary(rows)
     assert {k: v["bags"] for k, v in summary.items()} == {"train": 20, "val": 10, "test": 20}  # test: 2 per W = 1..10
-    test_w = sorted(r["witnesses"] for r in rows if r["split"] == "test")
+    test_w = sorted(r["witnesses"] for r in rows if r["role"] == "test")
     assert set(test_w) - {0} == set(range(1, 11))
+    with open(table, newline="") as fh:  # the cohort reader's split: test bags held out, train and val cross-validated
+        assert {(r["role"], r["split"]) for r in csv.DictReader(fh)} == {("train", "train"), ("val", "train"), ("test", "test")}
     for r in rows:
         assert r["log_hazard"] == pytest.approx(math.log(0.1) + 3.0 * r["witnesses"] / 10)
     # the flat folder holds every bag once (hard links of the per-split files) and W matches the tiles

@@ -18,10 +18,12 @@ the same way there. A fraction ``1 - positive_fraction`` of the bags have W = 0.
 On disk (``out_dir``): ``study/`` (the composed bags), ``features/<split>/`` (feature files per
 composed split), ``slides/<bag>.h5`` (the same files hard-linked into one flat folder, as a slide
 cohort's feature folder; ``<bag>`` is ``<split>_<case>``), ``cohort.csv`` (one row per bag: ``slide``,
-``patient`` (= the bag: each bag is one synthetic patient), ``time``, ``event``, ``split``
-(train / val / test), ``witnesses`` (W), ``log_hazard``) and ``cohort.json`` (the spec and the drawn
-censored fraction). The tiles of one real patient recur in many bags of its split, so folds drawn
-across synthetic patients share tiles; :data:`cohort.csv`'s ``split`` keeps train, val and test apart.
+``patient`` (= the bag: each bag is one synthetic patient), ``time``, ``event``, ``role`` (train / val /
+test: whose real patients' tiles it holds), ``split`` (``test`` for the test role, else ``train``: the
+cohort cross-validation holds ``test`` rows out of every fold), ``witnesses`` (W), ``log_hazard``) and
+``cohort.json`` (the spec and the drawn censored fraction). The tiles of one real patient recur in many
+bags of its role, so cross-validation folds drawn across the train and val bags share tiles; only the
+held-out ``test`` bags come from other patients.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag, atomic_write
 from histomil.reports.tables import write_json
 
-COHORT_COLUMNS = ("slide", "patient", "time", "event", "split", "witnesses", "log_hazard")
+COHORT_COLUMNS = ("slide", "patient", "time", "event", "split", "role", "witnesses", "log_hazard")
 
 
 class SurvivalCohortSpec(pydantic.BaseModel, extra="forbid"):
@@ -146,7 +148,7 @@ def make_survival_cohort(
             raise HistomilError(f"{src}: feature file of bag {bag_id} is missing after extraction")
         dst.unlink(missing_ok=True)
         os.link(src, dst)  # one file, two names: no copy of the features
-        rows.append([bag_id, bag_id, repr(float(t)), int(e), role, w, repr(float(lh))])
+        rows.append([bag_id, bag_id, repr(float(t)), int(e), "test" if role == "test" else "train", role, w, repr(float(lh))])
     table_path = out / "cohort.csv"
     with atomic_write(table_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -168,7 +170,7 @@ def read_survival_cohort(table: str | Path) -> list[dict[str, Any]]:
         raise HistomilError(f"{path}: cannot read cohort table ({exc.strerror or exc})") from None
     if not rows or any(c not in rows[0] for c in COHORT_COLUMNS):
         raise HistomilError(f"{path}: not a synthetic survival cohort (columns {', '.join(COHORT_COLUMNS)})")
-    return [{"slide": r["slide"], "time": float(r["time"]), "event": int(r["event"]), "split": r["split"],
+    return [{"slide": r["slide"], "time": float(r["time"]), "event": int(r["event"]), "role": r["role"],
              "witnesses": int(r["witnesses"]), "log_hazard": float(r["log_hazard"])} for r in rows]
 
 
@@ -180,10 +182,10 @@ def with_targets(bag: FeatureBag, time: float, event: int, bag_id: str | None = 
 
 
 def cohort_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Bags, events and censored fraction per split, for logs and the cohort's README."""
+    """Bags, events and censored fraction per role (train / val / test), for logs and reports."""
     out = {}
     for split in ("train", "val", "test"):
-        sub = [r for r in rows if r["split"] == split]
+        sub = [r for r in rows if r["role"] == split]
         ev = np.array([r["event"] for r in sub], dtype=np.float64)
         out[split] = {"bags": len(sub), "events": int(ev.sum()), "censored": float(1 - ev.mean()) if sub else float("nan")}
     return out
