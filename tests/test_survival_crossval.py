@@ -59,11 +59,11 @@ def survival_run(tmp_path_factory):
             "--set", "bootstrap_resamples=30", "--set", "train.model_kwargs={embed_dim: 32, attn_dim: 16}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return table, out, truth, result.output
+    return table, out, truth, result.output, args
 
 
 def test_metrics_json_has_cindex_per_fold_and_pooled(survival_run) -> None:
-    table, out, truth, output = survival_run
+    table, out, truth, output, _ = survival_run
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "survival" and m["time"] == "os_months" and m["event"] == "dead"
     assert len(m["per_fold"]) == 4
@@ -88,7 +88,7 @@ def test_metrics_json_has_cindex_per_fold_and_pooled(survival_run) -> None:
 
 
 def test_folds_are_patient_grouped_and_stratified_on_the_event(survival_run) -> None:
-    table, out, _, _ = survival_run
+    table, out, _, _, _ = survival_run
     event = {}
     with open(table, newline="") as fh:
         for r in csv.DictReader(fh):
@@ -117,3 +117,13 @@ def test_survival_crossval_input_errors_are_one_line(tmp_path) -> None:
         result = runner.invoke(app, base + extra + ["--out", str(tmp_path / f"cv{i}")])
         assert result.exit_code == 2, result.output
         assert msg in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_rerun_skips_finished_folds_and_writes_the_same_results(survival_run) -> None:
+    _, out, _, _, args = survival_run
+    before = json.loads((out / "metrics.json").read_text())
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier, skipped") == 4
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["pooled"] == before["pooled"] and after["per_fold"] == before["per_fold"]

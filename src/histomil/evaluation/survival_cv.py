@@ -250,7 +250,8 @@ def _pooled(out: Path, records: Sequence[Mapping[str, Any]], n_resamples: int, p
                     for m, v in ci.items()})
         if plots:
             doc["risk_groups"] = plot_km_risk_groups(targets, centred, 0.0, out / f"km_pooled_seed-{seed}.png",
-                                                     f"seed {seed}, all folds")
+                                                     f"seed {seed}, all folds",
+                                                     "each patient split at its own fold's training median risk")
         pooled[f"seed-{seed}"] = doc
     return pooled
 

@@ -54,9 +54,11 @@ def risk_groups(targets: SurvivalTargets, risk: Any, cut: float) -> dict[str, An
 
 
 def plot_km_risk_groups(
-    targets: SurvivalTargets, risk: Any, cut: float, out_png: str | Path, title: str | None = None
+    targets: SurvivalTargets, risk: Any, cut: float, out_png: str | Path, title: str | None = None,
+    cut_label: str | None = None,
 ) -> dict[str, Any]:
-    """Draw the Kaplan-Meier curves of :func:`risk_groups` into ``out_png``; returns :func:`risk_groups_summary`."""
+    """Draw the Kaplan-Meier curves of :func:`risk_groups` into ``out_png``; returns :func:`risk_groups_summary`.
+    ``cut_label`` says how the groups were split (default: at the training median risk ``cut``)."""
     summary = risk_groups(targets, risk, cut)
     fig = new_figure(6.4, 4.6)
     ax = fig.subplots()
@@ -75,7 +77,7 @@ def plot_km_risk_groups(
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    cut_text = f"split at training median risk {cut:.3g}"
+    cut_text = cut_label or f"split at training median risk {cut:.3g}"
     p_text = f"log-rank p = {p:.2g}" if math.isfinite(p) else "log-rank p: n/a"
     ax.set_title(f"{title + ': ' if title else ''}{p_text}\n{cut_text}", fontsize=10)
     save_figure(fig, out_png)
