@@ -33,8 +33,10 @@ from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_th
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder, check_encoder_name
 from histomil.features.extract import copy_sidecars, extract_bags
+from histomil.features import shards
 from histomil.features.formats import load_feature_dataset
 from histomil.features.runtimes import with_runtime
+from histomil.features.shards import Shard
 from histomil.features.store import exclusive_output, remove_temp_leftovers
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
@@ -149,24 +151,37 @@ def extract_study(
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, object]:
     """Extract features for every split of a study with one shared tile cache; feature files of bags
-    no longer in the study (it was composed again) are deleted."""
+    no longer in the study (it was composed again) are deleted. With ``shard``, only its share of
+    each split's bags; the split's labels are written once every shard has finished
+    (:mod:`histomil.features.shards`)."""
     encoder = with_runtime(build_encoder(cfg.encoder, precision=cfg.precision, channels_last=cfg.channels_last, weights=cfg.weights,
                                          device=cfg.device), cfg.runtime)
     cache = FeatureCache.for_encoder(cache_dir or out_dir / "cache", encoder)
     summaries = {}
-    for name in split_names(study_dir):
+    splits = split_names(study_dir)
+    for name in splits if shard is not None else []:
+        shards.begin(out_dir / name, shard)  # every split incomplete until this shard has done it
+    for name in splits:
         bags = load_bag_folders(study_dir / name, require_labels=True, on_bad_tile=cfg.on_bad_tile, log=log)
         ids = {f"{b.bag_id}.h5" for b in bags}
         for stale in (out_dir / name).glob("*.h5") if (out_dir / name).is_dir() else []:
             if stale.name not in ids:  # a bag of an earlier composition of the study: must not be trained on
                 stale.unlink()
         split_progress = _prefixed(progress, f"{name}:")
+        mine = shard.take(bags, key=lambda b: b.bag_id) if shard is not None else bags
         summaries[name] = extract_bags(
-            bags, out_dir / name, encoder, cache, cfg.batch_size, cfg.workers, cfg.on_bad_tile, log=log, progress=split_progress
+            mine, out_dir / name, encoder, cache, cfg.batch_size, cfg.workers, cfg.on_bad_tile, log=log, progress=split_progress,
+            shard=shard,
         )
-        copy_sidecars(study_dir / name, out_dir / name)
+        if shard is None:
+            copy_sidecars(study_dir / name, out_dir / name)
+            shards.forget_shards(out_dir / name)
+        else:
+            shards.finish(out_dir / name, shard, [b.bag_id for b in mine])
+            shards.merge_when_complete(out_dir / name, lambda _items, split=name: copy_sidecars(study_dir / split, out_dir / split))
     return summaries
 
 

@@ -171,32 +171,61 @@ def slide_features_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode slides whose feature file is complete.")] = False,
     layout: LayoutOpt = "histomil",
     device: DeviceOpt = "auto",
+    shard: Annotated[str | None, typer.Option("--shard", help="I/N: encode only shard I of N (0-based) of the slides, "
+                                              "e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; the last shard to "
+                                              "finish writes the --layout export. Under torchrun each rank takes its "
+                                              "share without it.")] = None,
 ) -> None:
     """Encode tiles straight from the slides into one HDF5 per slide (resumable); --layout also writes
-    them as CLAM, TRIDENT or STAMP write theirs (the histomil files then go to OUT/histomil)."""
+    them as CLAM, TRIDENT or STAMP write theirs (the histomil files then go to OUT/histomil).
+
+    Under ``torchrun --nproc-per-node N -m histomil features slides ...`` (or with ``--shard I/N``)
+    each process encodes its share of the slides into the same OUT."""
+    from histomil.features import shards
     from histomil.features.encoders import build_encoder
     from histomil.features.export import EXPORT_LAYOUTS, export_features
     from histomil.features.runtimes import RUNTIMES, with_runtime
-    from histomil.slides.features import extract_slide_features
+    from histomil.slides.features import extract_slide_features, find_slides
+    from histomil.training.distributed import rank_device, world
 
     _check_choice("--precision", precision, PRECISIONS)
     _check_choice("--runtime", runtime, RUNTIMES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))
     _check_choice("--layout", layout, ("histomil", *EXPORT_LAYOUTS))
-    resolve_device(device)
+    dev = rank_device(resolve_device(device))  # cuda:LOCAL_RANK under torchrun
+    here = world()
+    part = shards.choose_shard(shard, here.rank, here.world_size)
     _check_batching(batch_size, workers)
     spec = tiling_spec(tile_size, mpp, magnification, slide_mpp, slide_magnification, min_tissue)
-    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights, device=device), runtime)
+    enc = with_runtime(build_encoder(encoder, precision=precision, channels_last=True, weights=weights, device=dev), runtime)
+    paths = find_slides(slides)
+    mine = part.take(paths, key=lambda p: p.name) if part is not None else paths
     own = out if layout == "histomil" else out / "histomil"
+    if part is not None:
+        shards.begin(own, part)
     with progress_bars() as progress:
-        s = extract_slide_features(slides, own, enc, spec, coords_dir=coords, batch_size=batch_size,
+        s = extract_slide_features(mine, own, enc, spec, coords_dir=coords, batch_size=batch_size,
                                    num_workers=workers, on_bad_slide=on_bad_slide,  # type: ignore[arg-type]
-                                   overwrite=overwrite, log=log, progress=progress)
-    if layout != "histomil" and s.files:
-        export_features(list(s.files.values()), out, layout, log=log)
+                                   overwrite=overwrite, log=log, progress=progress) if mine else None
+
+    def export(stems: list[str]) -> None:
+        if layout != "histomil" and stems:
+            export_features([own / f"{stem}.h5" for stem in stems], out, layout, log=log)
+
+    done = sorted(s.files) if s is not None else []
+    if part is None:
+        export(done)
+        shards.forget_shards(own)
+    else:
+        shards.finish(own, part, done)
+        shards.merge_when_complete(own, export)
+    if s is None:
+        show_result(f"shard {part.label}: no slides to encode")  # more shards than slides
+        return
     n = sum(s.n_tiles.values())
     rate = f", {n / s.seconds:.0f} tiles/s" if s.written and s.seconds > 0 else ""
-    show_result(f"{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
+    who = f"shard {part.label}: " if part is not None else ""
+    show_result(f"{who}{len(s.written)} slides encoded ({n} tiles{rate}), {len(s.existing)} already done, "
                 f"{len(s.skipped)} skipped; written to {out}")
 
 

@@ -30,9 +30,11 @@ from histomil.data.bags import Bag
 from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
+from histomil.features.shards import Shard
 from histomil.features.tile_encoder import fit_tile
 from histomil.features.store import (
     FeatureBag,
+    atomic_write,
     exclusive_output,
     read_feature_bag,
     remove_temp_leftovers,
@@ -192,18 +194,25 @@ def extract_bags(
     overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     progress: Progress | None = None,
+    shard: Shard | None = None,
 ) -> ExtractionSummary:
     """Write ``out_dir/<bag_id>.h5`` for every bag, encoding each distinct tile once.
 
     A feature file already there is kept only when it records the same tile content (``content_digest``:
     the tiles' names and bytes), encoder, precision and runtime; a changed label alone is rewritten in
     place, anything else is encoded again. One process writes ``out_dir`` at a time, and the temp files
-    of a killed one are removed first."""
+    of a killed one are removed first. ``bags`` of one ``shard`` of a sharded extraction (see
+    :mod:`histomil.features.shards`) are written beside the other shards': each shard holds its own
+    lock and removes only its own files' leftovers."""
     if on_bad_tile not in ("error", "skip"):
         raise HistomilError(f"--on-bad-tile must be 'error' or 'skip', not {on_bad_tile!r}")
     out_dir = Path(out_dir)
-    with exclusive_output(out_dir, "features extract"):
-        remove_temp_leftovers(out_dir, "*.h5")
+    if shard is None:
+        with exclusive_output(out_dir, "features extract"):
+            remove_temp_leftovers(out_dir, "*.h5")
+            return _write_bags(bags, out_dir, encoder, cache, batch_size, num_workers, on_bad_tile, overwrite, log, progress)
+    with exclusive_output(out_dir, f"features extract, shard {shard.label}", shard.lock_name):
+        remove_temp_leftovers(out_dir, "*.h5", {f"{b.bag_id}.h5" for b in bags})
         return _write_bags(bags, out_dir, encoder, cache, batch_size, num_workers, on_bad_tile, overwrite, log, progress)
 
 
@@ -267,7 +276,9 @@ def _write_bags(
 
 
 def copy_sidecars(src_dir: Path, out_dir: Path) -> None:
-    """Copy a bag folder's labels and tile-truth CSVs beside its feature files."""
+    """Copy a bag folder's labels and tile-truth CSVs beside its feature files (atomically: a reader
+    never sees half a labels.csv)."""
     for name in ("labels.csv", "df.csv", "tiles.csv"):
         if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, out_dir / ("labels.csv" if name == "df.csv" else name))
+            with atomic_write(out_dir / ("labels.csv" if name == "df.csv" else name)) as tmp:
+                shutil.copyfile(src_dir / name, tmp)

@@ -57,6 +57,7 @@ from histomil.features.geometry import (
     plain,
     stamp_geometry,
 )
+from histomil.features.shards import check_complete
 from histomil.features.store import FeatureBag, read_feature_bag
 from histomil.features.validate import canonical_encoder, check_finite
 
@@ -334,13 +335,15 @@ def feature_files_any(folder: str | Path) -> list[Path]:
     """Feature files of a folder, one per case (file stem); ``.h5`` preferred over ``.pt`` of the same case.
 
     CLAM's output folder (``h5_files/`` + ``pt_files/``) can be given directly: its ``h5_files``
-    (which keep the coordinates) are used, or ``pt_files`` when there are no h5 files.
+    (which keep the coordinates) are used, or ``pt_files`` when there are no h5 files. A folder that
+    shards are still writing is refused (:func:`histomil.features.shards.check_complete`).
     """
     from histomil.data.bags import natural_key
 
     folder = Path(folder)
     if not folder.is_dir():
         raise HistomilError(f"{folder}: feature folder does not exist")
+    check_complete(folder)  # shards of a sharded extraction still missing: never read as a smaller cohort
     for sub in ("h5_files", "pt_files"):
         if (
             not any(_is_feature_file(p) for p in folder.iterdir())

@@ -20,7 +20,7 @@ import fnmatch
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +95,10 @@ def atomic_write(final: Path) -> Iterator[Path]:
 _TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
-def remove_temp_leftovers(folder: Path, final_pattern: str) -> list[Path]:
+def remove_temp_leftovers(folder: Path, final_pattern: str, final_names: Collection[str] | None = None) -> list[Path]:
     """Delete the temporary files :func:`atomic_path` made in ``folder`` for outputs named like
     ``final_pattern`` (fnmatch, e.g. ``*.h5``) that a killed process left behind; returns them.
+    With ``final_names``, only those of outputs so named (a shard's own files, beside other shards').
 
     Call it only while holding :func:`exclusive_output` on ``folder``: a live writer's temp file would
     otherwise go too. Nothing else is touched: only names of exactly this temp shape match."""
@@ -106,6 +107,8 @@ def remove_temp_leftovers(folder: Path, final_pattern: str) -> list[Path]:
         return removed
     for path in folder.iterdir():
         match = _TEMP_NAME.match(path.name)
+        if final_names is not None and (not match or match["final"] not in final_names):
+            continue
         if match and fnmatch.fnmatchcase(match["final"], final_pattern) and path.is_file() and not path.is_symlink():
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -113,11 +116,12 @@ def remove_temp_leftovers(folder: Path, final_pattern: str) -> list[Path]:
 
 
 @contextmanager
-def exclusive_output(folder: Path, step: str) -> Iterator[None]:
-    """Hold an exclusive lock on an output folder for one step (``.histomil.lock``, released when the
-    process ends, even by kill -9): a second process writing there is refused in one line."""
+def exclusive_output(folder: Path, step: str, lock_name: str = ".histomil.lock") -> Iterator[None]:
+    """Hold an exclusive lock on an output folder for one step (``lock_name``, released when the
+    process ends, even by kill -9): a second process writing there is refused in one line. Shards of
+    one sharded extraction each hold a lock of their own (:mod:`histomil.features.shards`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(folder / ".histomil.lock", timeout=0)
+    lock = filelock.FileLock(folder / lock_name, timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
