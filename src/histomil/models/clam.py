@@ -130,6 +130,13 @@ class CLAM(nn.Module):
             extras["loss_weight_bag"] = torch.tensor(self.bag_weight, device=x.device)
         return MILOutput(logits=logits, attention=attention, instance_scores=inst[..., 1] - inst[..., 0], extras=extras)
 
+    def branch_attention(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, N) attention of each branch over the real tiles: K = n_classes for CLAM-MB (class-wise
+        attention heatmaps), 1 for CLAM-SB."""
+        mask = check_bags(x, mask)
+        raw = self.attention(self.fc(x)).transpose(1, 2)
+        return masked_softmax(raw, mask.unsqueeze(1).expand_as(raw), dim=-1)
+
     def _instance_loss(self, raw: torch.Tensor, inst: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean over bags of the mean over supervised instance classifiers of the clustering loss."""
         if y.shape[0] != raw.shape[0]:
