@@ -88,3 +88,11 @@ def test_time_bins_from_training_event_quantiles() -> None:
         time_bins(time, np.zeros(10), 4)
     with pytest.raises(HistomilError, match="fewer bins"):
         time_bins(np.array([1.0, 1.0, 1.0, 2.0]), np.ones(4), 4)
+
+
+def test_batch_memory_grows_with_bags_per_step() -> None:
+    from histomil.training.survival_losses import batch_memory_bytes
+
+    # 32 bags x 40 tiles x (1280 features + 768 hidden) floats + the 32 x 32 risk-set matrix
+    assert batch_memory_bytes(32, 40, 1280) == 4 * (32 * 40 * 2048 + 32 * 32)
+    assert batch_memory_bytes(64, 40, 1280) > 1.99 * batch_memory_bytes(32, 40, 1280)

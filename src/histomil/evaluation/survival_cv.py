@@ -46,6 +46,7 @@ from histomil.evaluation.survival_report import evaluate_survival, held_out_time
 from histomil.features.store import FeatureBag
 from histomil.features.validate import training_encoder_info
 from histomil.reports.tables import write_text
+from histomil.training.survival_losses import batch_memory_bytes
 
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -167,6 +168,9 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
         t0 = time.perf_counter()
         bags = {r: _with_targets(source.bags(ps), surv) for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
         train_cfg = cfg.train.model_copy(update={"seed": seed})
+        most = max(len(b) for b in bags["train"])
+        mb = batch_memory_bytes(train_cfg.batch_size, most, bags["train"][0].features.shape[1]) / 2**20
+        log(f"{name}: {train_cfg.batch_size} patients per step (largest bag {most} tiles: about {mb:.0f} MB of activations)")
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), train_cfg.epochs)) if progress else None
         try:
             result = train(bags["train"], bags["val"], train_cfg, fold_dir,

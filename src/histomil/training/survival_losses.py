@@ -7,10 +7,11 @@ cruder one); both agree with scikit-survival's ``CoxPHOptimizer`` (tests). The p
 compares each event with the bags still at risk, so one batch must hold several bags:
 
 * ``batch_size`` in the training config is the number of bags per optimizer step; a Cox task refuses
-  fewer than 2. The memory of a step grows linearly with it: about ``batch_size x max_tiles x
-  (in_dim + 2 x hidden) x 4`` bytes of activations for an attention head on padded bags
-  (:func:`batch_memory_bytes`), e.g. 32 bags x 40 tiles x (1280 + 256) floats = 7.9 MB; the risk-set
-  matrix itself is only ``batch_size^2``.
+  fewer than 2. The memory of a step grows linearly with it: the padded bags and the per-tile hidden
+  layers, ``batch_size x max_tiles x (in_dim + hidden) x 4`` bytes of forward activations
+  (:func:`batch_memory_bytes`; gated ABMIL's default hidden widths 512 + 2 x 128 = 768), e.g. 32 bags x 40
+  tiles x (1280 + 768) floats = 10.5 MB, about twice that with the gradients; the risk-set matrix is
+  only ``batch_size^2``. Slide-sized bags (10,000 tiles) make the same batch 2.6 GB.
 * A batch without any event has no term in the partial likelihood: its loss is 0 (with a gradient of
   zeros), so it is **skipped**, not an error. With censoring c and batch size B that happens with
   probability about c^B (0.3^16 = 4e-9), so it matters only for tiny batches.
@@ -118,7 +119,8 @@ def discrete_risk(logits: torch.Tensor) -> torch.Tensor:
     return -discrete_survival(logits).sum(dim=1)
 
 
-def batch_memory_bytes(batch_size: int, max_tiles: int, in_dim: int, hidden: int = 128) -> int:
-    """Rough activation memory (fp32 bytes) of one step on ``batch_size`` padded bags of ``max_tiles``
-    tiles: the features plus two hidden layers per tile; the Cox risk-set matrix adds batch_size^2."""
-    return 4 * (batch_size * max_tiles * (in_dim + 2 * hidden) + batch_size * batch_size)
+def batch_memory_bytes(batch_size: int, max_tiles: int, in_dim: int, hidden: int = 768) -> int:
+    """Forward activation memory (fp32 bytes) of one step on ``batch_size`` bags padded to ``max_tiles``
+    tiles: the features and ``hidden`` per-tile hidden units (gated ABMIL: 512 + 2 x 128), plus the Cox
+    risk-set matrix (batch_size^2). An estimate for choosing ``batch_size``; gradients about double it."""
+    return 4 * (batch_size * max_tiles * (in_dim + hidden) + batch_size * batch_size)
