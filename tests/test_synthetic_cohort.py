@@ -127,3 +127,15 @@ def test_overwrite_replaces_a_cohort_and_its_stale_slides(cohort: Path, tmp_path
     build_cohort(example_tile_table(), out, SynthCohortSpec(**SPEC), overwrite=True)
     slides = {r["slide"] for r in _rows(out / "cohort.csv")}
     assert {p.stem for p in (out / "slides").glob("*.tif")} == slides
+
+
+def test_cli_options_are_checked_before_any_work(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from histomil.cli import app
+
+    result = CliRunner().invoke(app, ["synth-cohort", "--out", str(tmp_path / "c"), "--grid-min", "5", "--grid-max", "4"])
+    assert result.exit_code == 2 and "grid_min (5) is larger than grid_max (4)" in result.output
+    assert not (tmp_path / "c").exists()
+    result = CliRunner().invoke(app, ["localise", str(tmp_path / "truth.csv"), str(tmp_path)])
+    assert result.exit_code == 2 and "truth table not found" in result.output

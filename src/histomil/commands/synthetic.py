@@ -62,7 +62,8 @@ def localise_cmd(
     from histomil.evaluation.localisation import geojson_scores, localise, read_truth
     from histomil.reports.tables import write_json
 
-    rows, summary = localise(geojson_scores(sources), read_truth(truth))
+    known = read_truth(truth)
+    rows, summary = localise(geojson_scores(sources), known)
     if out is not None:
         write_json(out, {"summary": summary, "slides": rows})
     if summary["auc_mean"] is None:
