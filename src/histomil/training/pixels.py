@@ -54,6 +54,7 @@ from histomil.data.augment import augment_tile
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
 from histomil.config import one_of
+from histomil.devices import to_device
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
 from histomil.features.extract import tile_digests
@@ -468,7 +469,7 @@ def train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequenc
     loader_seed = int(rng.integers(2**63 - 1))
     for step, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, config.augment_p, config.num_workers, loader_seed), 1):
         target = y[i : i + 1]
-        out = model(tiles.unsqueeze(0).to(device), y=target)
+        out = model(to_device(tiles.unsqueeze(0), device), y=target)
         loss = bag_loss(out, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -502,7 +503,7 @@ def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
     tasks = [_Task(i, tuple(b.tile_paths), 0) for i, b in enumerate(bags)]
     try:
         for done, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, 0.0, num_workers, 0), 1):
-            out = model(tiles.unsqueeze(0).to(device))
+            out = model(to_device(tiles.unsqueeze(0), device))
             probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
             att = (out.attention[0].float().cpu().numpy() if out.attention is not None
                    else np.full(tiles.shape[0], np.nan, dtype=np.float32))
