@@ -85,3 +85,24 @@ def test_one_slide_heatmap_per_class(tmp_path) -> None:
     paths = write_class_heatmaps(SLIDE, bag, build_model("clam_mb", D, 3).eval(), _task(3), tmp_path, ["normal", "low grade", "tumour"])
     assert [p.name for p in paths] == ["slide_class-normal.png", "slide_class-low_grade.png", "slide_class-tumour.png"]
     assert all(p.stat().st_size > 5000 for p in paths)
+
+
+@pytest.mark.skipif(not SLIDE.is_file(), reason="shared test slide not present")
+def test_heatmap_command_by_class_from_features(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from histomil.cli import app
+    from histomil.features.store import write_feature_bag
+
+    rng = np.random.default_rng(2)
+    cfg = TrainConfig(model="clam_mb", epochs=2, min_epochs=2, task_options={"class_names": ["normal", "polyp", "tumour"]})
+    result = train(_bags(30, rng, "t"), _bags(15, rng, "v"), cfg, tmp_path / "run")
+    coords = np.array([[x, y] for x in range(0, 2000, 224) for y in range(0, 2800, 224)])
+    write_feature_bag(tmp_path / "feats" / f"{SLIDE.stem}.h5",
+                      FeatureBag(SLIDE.stem, rng.normal(size=(len(coords), D)).astype(np.float32),
+                                 [f"{x}_{y}" for x, y in coords], coords=coords))
+    run = CliRunner().invoke(app, ["heatmap", str(result.model_path), str(SLIDE), "--out", str(tmp_path / "hm"),
+                                   "--features", str(tmp_path / "feats"), "--tile-size-level0", "224", "--by-class"])
+    assert run.exit_code == 0, run.output
+    names = sorted(p.name for p in (tmp_path / "hm" / "heatmaps").glob("*_class-*.png"))
+    assert names == [f"{SLIDE.stem}_class-{n}.png" for n in ("normal", "polyp", "tumour")]

@@ -250,6 +250,7 @@ def heatmap_cmd(
     precision: PrecisionOpt = "auto",
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
+    by_class: Annotated[bool, typer.Option("--by-class", help="Classification models: also one heatmap per class (CLAM-MB's class branches; attention x class score otherwise).")] = False,
 ) -> None:
     """Draw the model's attention over one slide (PNG) and export the tiles for QuPath (GeoJSON).
 
@@ -271,8 +272,11 @@ def heatmap_cmd(
                               tile_size_level0=tile_size_level0, allow_encoder_mismatch=allow_encoder_mismatch,
                               scale=scale,  # type: ignore[arg-type]
                               precision=precision, batch_size=batch_size, num_workers=workers, log=log,
-                              progress=progress, device=device)
+                              progress=progress, device=device, class_heatmaps=by_class)
     row = rows[0]
+    if "prediction" in row:  # regression / survival
+        show_result(f"{slide.name}: prediction {row['prediction']}; heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
+        return
     show_result(f"{slide.name}: p = {row['prob_positive']}, class {row['predicted_class']}; "
                 f"heatmap {out / row['heatmap']}, QuPath objects {out / row['geojson']}")
 

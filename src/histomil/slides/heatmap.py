@@ -321,9 +321,15 @@ def predict_slides(
     log: Log | None = None,
     progress: Progress | None = None,
     device: str = "cpu",
+    class_heatmaps: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict unlabelled slides (tiling and encoding them, or from cached features); returns (and
     writes) one CSV row per slide.
+
+    ``class_heatmaps`` (classification models, with ``heatmaps``): also one heatmap per class,
+    ``heatmaps/<slide>_class-<name>.png`` (:mod:`histomil.slides.class_heatmaps`). Regression and survival
+    models leave ``prob_positive`` and ``predicted_class`` empty and write their value or risk in
+    ``prediction``; their heatmap is the attention.
 
     Writes into ``out_dir``: ``features/<slide>.h5`` (reused on a re-run), ``heatmaps/<slide>_heatmap.png``
     and ``heatmaps/<slide>_tiles.geojson`` (with ``heatmaps``), and ``predictions.csv`` (or
@@ -348,6 +354,7 @@ def predict_slides(
     from histomil.slides.features import extract_slide_features, find_slides
     from histomil.slides.reader import open_slide
     from histomil.training.checkpoint import load_checkpoint
+    from histomil.training.tasks import task_from_checkpoint
 
     if scale not in SCALES:
         raise HistomilError(f"unknown heatmap scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -356,6 +363,9 @@ def predict_slides(
     spec = spec or TilingSpec()
     out_dir = Path(out_dir)
     model, meta = load_checkpoint(checkpoint)
+    task = task_from_checkpoint(meta)
+    if class_heatmaps and task.name != "classification":
+        raise HistomilError(f"{checkpoint}: class-wise heatmaps need a classification model, this one is {task.name}")
     threshold = float(meta.get("threshold", 0.5)) if threshold is None else float(threshold)
     paths = find_slides(slides)
     bad: dict[str, str] = {}
@@ -401,6 +411,8 @@ def predict_slides(
         row: dict[str, Any] = {"slide": path.stem, "n_tiles": "", "prob_positive": "", "predicted_class": "",
                                "top_tiles": "", "top_scores": "", "score": "", "heatmap": "", "geojson": "",
                                "features": "", "error": bad.get(path.stem, "")}
+        if task.name != "classification":
+            row["prediction"] = ""
         if path.stem in files and path.stem not in bad:
             feat_path = files[path.stem]
             try:
@@ -414,9 +426,15 @@ def predict_slides(
             probs, scores, kind = bag_scores(model, bag)
             p = float(probs[1]) if len(probs) == 2 else float(np.max(probs))
             cls = int(p >= threshold) if len(probs) == 2 else int(np.argmax(probs))
+            if task.name != "classification":  # a value or a risk, not class probabilities
+                from histomil.training.trainer import predict
+
+                value = float(predict(model, [bag], task=task)[0][0][0])
+                row["prediction"] = round(value, 6)
+                p, cls = value, ""
             order = np.argsort(-scores, kind="stable")[:top_k]
             row.update(
-                n_tiles=len(bag), prob_positive=round(p, 6), predicted_class=cls,
+                n_tiles=len(bag), prob_positive=round(p, 6) if task.name == "classification" else "", predicted_class=cls,
                 top_tiles=";".join(bag.tile_paths[j] for j in order),
                 top_scores=";".join(f"{scores[j]:.6g}" for j in order), score=kind,
                 features=str(feat_path.relative_to(out_dir)) if feat_path.is_relative_to(out_dir) else str(feat_path),
@@ -425,12 +443,19 @@ def predict_slides(
                 png = out_dir / "heatmaps" / f"{path.stem}_heatmap.png"
                 geo = out_dir / "heatmaps" / f"{path.stem}_tiles.geojson"
                 title = f"{path.stem}: P(class {1 if len(probs) == 2 else cls}) = {p:.3f}, {len(bag)} tiles, {scale} scale"
+                if task.name != "classification":
+                    title = f"{path.stem}: {task.prediction_columns()[0]} {p:.4g}, {len(bag)} tiles, {scale} scale"
                 write_slide_heatmap(path, bag.coords, scores, png, geo, patch_size_level0=int(bag.attrs["patch_size_level0"]),
                                     spec=spec,
                                     scale=scale, title=title, label=kind)
                 row.update(heatmap=str(png.relative_to(out_dir)), geojson=str(geo.relative_to(out_dir)))
+                if class_heatmaps:
+                    from histomil.evaluation.task_evaluate import class_names
+                    from histomil.slides.class_heatmaps import write_class_heatmaps
+
+                    write_class_heatmaps(path, bag, model, task, out_dir / "heatmaps", class_names(task), spec)
             if log:
-                log(f"{path.name}: p = {p:.3f} -> class {cls}")
+                log(f"{path.name}: p = {p:.3f} -> class {cls}" if task.name == "classification" else f"{path.name}: {p:.4g}")
         rows.append(row)
         if progress:
             progress("predicting slides", i + 1, len(paths))
