@@ -36,7 +36,7 @@ from histomil.hardware import resolve_precision
 
 __all__ = [
     "ENCODERS", "INTERPOLATIONS", "PRECISIONS", "TIMM_PREFIX", "EncoderInfo", "TileEncoder", "build_encoder",
-    "check_encoder_name", "encode_in_batches", "encoder_names", "find_preset", "fit_tile", "resize_and_crop",
+    "check_encoder_name", "encode_in_batches", "encoder_names", "find_preset", "fit_tile", "register_encoder", "resize_and_crop",
     "timm_kwargs",
 ]
 
@@ -54,9 +54,21 @@ def efficientnet_lite0_encoder(
     return TileEncoder(model, info, precision=precision, channels_last=channels_last).eval()
 
 
-ENCODERS: dict[str, Callable[..., TileEncoder]] = {
+EncoderFactory = Callable[..., TileEncoder]  # (pretrained, precision, channels_last) -> TileEncoder on the CPU
+
+# Encoders built by code of their own; the published ones are presets (a per-entry config, registered
+# with histomil.features.presets.register_preset), as models are registry entries (name -> constructor
+# and defaults, histomil.models.registry.register_model): register, then build by name.
+ENCODERS: dict[str, EncoderFactory] = {
     "efficientnet_lite0": efficientnet_lite0_encoder,
 }
+
+
+def register_encoder(name: str, factory: EncoderFactory) -> None:
+    """Add an encoder built by ``factory(pretrained=, precision=, channels_last=)`` under ``name`` (plugins, tests)."""
+    if name in ENCODERS or find_preset(name) is not None:
+        raise ValueError(f"encoder {name!r} is already registered")
+    ENCODERS[name] = factory
 
 
 def find_preset(name: str) -> Preset | None:
