@@ -76,7 +76,7 @@ def plot_km_risk_groups(
     ax.set_ylabel("survival probability")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")  # Kaplan-Meier curves fall from the top left
     cut_text = cut_label or f"split at training median risk {cut:.3g}"
     p_text = f"log-rank p = {p:.2g}" if math.isfinite(p) else "log-rank p: n/a"
     ax.set_title(f"{title + ': ' if title else ''}{p_text}\n{cut_text}", fontsize=10)
