@@ -113,3 +113,20 @@ def test_streamed_training_equals_in_memory_training(tmp_path: Path) -> None:
     again = train(lazy_features_folder(tr), lazy_features_folder(va), cfg.model_copy(update={"epochs": 4}),
                   tmp_path / "eager", resume=True)
     assert again.epochs_run == 4 and again.history[:3] == eager.history
+
+
+def test_cohort_memory_benchmark_runs_tiny(tmp_path: Path) -> None:
+    """benchmarks/cohort_memory.py end to end at toy size (its numbers are the benchmark's, not checked here)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cohort_memory.py"
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "data"), "--slides", "4", "--eager-slides", "4",
+                    "--val", "2", "--tiles", "20", "40", "--dim", "8", "--max-instances", "16", "--repeats", "1",
+                    "--out", str(out)], check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    runs = json.loads((out / "cohort_memory.json").read_text())["runs"]
+    assert [(r["mode"], r["slides"]) for r in runs] == [("stream", 4), ("memory", 4)]
+    assert runs[0]["val_loss"] == pytest.approx(runs[1]["val_loss"], abs=1e-6)  # same training either way
+    assert "| stream | 4 |" in (out / "cohort_memory.md").read_text()
