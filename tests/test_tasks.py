@@ -215,3 +215,37 @@ def test_cli_trains_evaluates_and_predicts_a_regression(tmp_path) -> None:
     bad = runner.invoke(app, ["train", str(folders["train"]), "--val", str(folders["val"]), "--out", str(tmp_path / "run2"),
                               "--task", "classification"])
     assert bad.exit_code != 0 and "no label" in bad.output
+
+
+def test_report_of_a_three_class_evaluation(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from histomil.cli import app
+
+    rng = np.random.default_rng(3)
+
+    def bags(n: int, tag: str) -> list[FeatureBag]:
+        out = []
+        for i in range(n):
+            x = rng.normal(size=(6, D)).astype(np.float32)
+            x[:2, i % 3] += 3.0
+            out.append(FeatureBag(f"{tag}{i}", x, [str(t) for t in range(6)], label=i % 3))
+        return out
+
+    cfg = TrainConfig(epochs=8, min_epochs=8, lr=2e-3, task_options={"class_names": ["normal", "polyp", "tumour"]})
+    result = train(bags(45, "t"), bags(15, "v"), cfg, tmp_path / "run")
+    for b in bags(30, "x"):
+        write_feature_bag(tmp_path / "test" / f"{b.bag_id}.h5", b)
+    runner = CliRunner()
+    ev = runner.invoke(app, ["evaluate", str(result.model_path), str(tmp_path / "test"), "--out", str(tmp_path / "eval")])
+    assert ev.exit_code == 0, ev.output
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions_test.csv")))
+    assert list(rows[0]) == ["bag_id", "y_true", "prob_0", "prob_1", "prob_2", "y_pred"]
+    assert np.mean([r["y_true"] == r["y_pred"] for r in rows]) >= 0.8
+    assert {p.name for p in (tmp_path / "eval").glob("*.png")} >= {"confusion_test.png", "roc_pr_test.png", "calibration_test.png"}
+    rep = runner.invoke(app, ["report", str(tmp_path / "eval"), "--task", "classification"])
+    assert rep.exit_code == 0, rep.output
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "per class" in page and "tumour" in page and page.count("data:image/png;base64") == 3
+    wrong = runner.invoke(app, ["report", str(tmp_path / "eval"), "--task", "regression"])
+    assert wrong.exit_code != 0 and "classification model, not regression" in wrong.output

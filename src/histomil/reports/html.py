@@ -48,6 +48,7 @@ from histomil.reports.plots import (
     plot_training_curves,
 )
 from histomil.reports.tables import write_bytes, write_text
+from histomil.reports.task_report import build_task_report, task_metrics_file
 
 Log = Callable[[str], None]
 
@@ -926,8 +927,13 @@ def build_report(
     max_tiles: int = 40,
     n_resamples: int = 1000,
     log: Log | None = None,
+    task: str | None = None,
 ) -> Path:
     """Write the HTML report of ``run_dir`` (default ``RUN_DIR/report.html``) and its PNGs; returns the HTML path.
+
+    An evaluation of a multi-class, regression or survival model (``histomil evaluate`` output, or a run's
+    ``evaluation/``) gets the report of :mod:`histomil.reports.task_report`. ``task``: refuse a run of
+    another task (a study run or cross-validation without a recorded task is a classification).
 
     ``bags`` names extra bags to show (see :func:`choose_bags`); ``max_bags`` bags are chosen
     automatically (half most confident, half most wrong), each showing at most ``max_tiles`` tiles.
@@ -935,7 +941,18 @@ def build_report(
     from its crossval.json).
     """
     run = Path(run_dir)
+    task_json = task_metrics_file(run) if run.is_dir() else None
+    if task_json is not None:
+        out_path = Path(out) if out is not None else run / "report.html"
+        if out_path.suffix.lower() not in (".html", ".htm"):
+            raise HistomilError(f"{out_path}: the report is an HTML file; give a name ending in .html")
+        return build_task_report(task_json, out_path, task)
     kind = run_kind(run)
+    record = _read_json(run / "crossval.json") if kind == "crossval" else {}
+    recorded = record.get("task") if isinstance(record, dict) else None
+    recorded = str((recorded.get("name") if isinstance(recorded, dict) else recorded) or "classification")
+    if task is not None and task != recorded:
+        raise HistomilError(f"{run}: a {recorded} run, not {task}")
     if max_bags < 0 or max_tiles < 1:
         raise HistomilError(f"--max-bags must be >= 0 and --max-tiles >= 1 (got {max_bags}, {max_tiles})")
     log = log or (lambda _m: None)
