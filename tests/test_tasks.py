@@ -249,3 +249,13 @@ def test_report_of_a_three_class_evaluation(tmp_path) -> None:
     assert "per class" in page and "tumour" in page and page.count("data:image/png;base64") == 3
     wrong = runner.invoke(app, ["report", str(tmp_path / "eval"), "--task", "regression"])
     assert wrong.exit_code != 0 and "classification model, not regression" in wrong.output
+
+
+def test_only_classifiers_combine_into_an_ensemble(tmp_path) -> None:
+    from histomil.training.checkpoint import combine_checkpoints
+
+    cfg = TrainConfig(task="regression", model="mean_pool", epochs=1, min_epochs=1)
+    a = train(_fraction_bags(20, 0), _fraction_bags(10, 1), cfg, tmp_path / "a").model_path
+    b = train(_fraction_bags(20, 0), _fraction_bags(10, 1), cfg.model_copy(update={"seed": 1}), tmp_path / "b").model_path
+    with pytest.raises(HistomilError, match="a regression model; only classifiers can be combined"):
+        combine_checkpoints([a, b], tmp_path / "e.pt")

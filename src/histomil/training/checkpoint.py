@@ -28,6 +28,7 @@ from histomil.training.checkpoint_file import (
     with_weights,
 )
 from histomil.training.pixels import model_from_checkpoint
+from histomil.training.tasks import task_from_checkpoint
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "KINDS", "REBUILD", "atomic_torch_save", "combine_checkpoints", "feature_model_from_checkpoint",
@@ -80,6 +81,9 @@ def combine_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
             raise HistomilError(f"{path}: only models on cached features can be combined (this one takes pixels)")
         if data["model_name"] == "ensemble":
             raise HistomilError(f"{path}: is an ensemble already; combine its members instead")
+        task = task_from_checkpoint(data).name
+        if task != "classification":  # the ensemble averages class probabilities
+            raise HistomilError(f"{path}: a {task} model; only classifiers can be combined into an ensemble")
         if (int(data["in_dim"]), int(data["n_classes"])) != (int(first["in_dim"]), int(first["n_classes"])):
             raise HistomilError(f"{path}: takes {data['in_dim']}-d features and {data['n_classes']} classes, "
                                 f"{paths[0]} takes {first['in_dim']}-d and {first['n_classes']}")
@@ -93,6 +97,7 @@ def combine_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise HistomilError(f"ensemble: member weights do not match their models ({str(exc).splitlines()[0]})") from None
-    extra = {"members": [str(p) for p in paths], "member_best_epochs": [(d.get("extra") or {}).get("best_epoch") for d in datas]}
+    extra = {"members": [str(p) for p in paths], "member_best_epochs": [(d.get("extra") or {}).get("best_epoch") for d in datas],
+             "task": task_from_checkpoint(first).state()}  # e.g. the class names
     return save_checkpoint(out, model, "ensemble", {"members": members}, int(first["n_classes"]), first.get("encoder_info"),
                            {"ensemble_of": [str(p) for p in paths]}, extra=extra, in_dim=int(first["in_dim"]))
