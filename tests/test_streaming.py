@@ -130,3 +130,21 @@ def test_cohort_memory_benchmark_runs_tiny(tmp_path: Path) -> None:
     assert [(r["mode"], r["slides"]) for r in runs] == [("stream", 4), ("memory", 4)]
     assert runs[0]["val_loss"] == pytest.approx(runs[1]["val_loss"], abs=1e-6)  # same training either way
     assert "| stream | 4 |" in (out / "cohort_memory.md").read_text()
+
+
+def test_predict_streams_lazy_bags_and_uses_every_tile(tmp_path: Path) -> None:
+    from histomil.models.registry import build_model
+    from histomil.training.trainer import predict
+
+    bags, _ = make_bags(9, seed=6)
+    folder = write_folder(tmp_path / "f", bags)
+    torch.manual_seed(0)
+    model = build_model("gated_abmil", 16, 2)
+    eager = predict(model, load_features_folder(folder), batch_size=4)
+    lazy = predict(model, lazy_features_folder(folder), batch_size=4)
+    for (p1, a1), (p2, a2), b in zip(eager, lazy, bags):
+        assert len(a2) == len(b)  # attention over every tile: inference never sub-samples
+        np.testing.assert_allclose(p2, p1, atol=1e-6)
+        np.testing.assert_allclose(a2, a1, atol=1e-6)
+    with pytest.raises(HistomilError, match="no tiles"):
+        predict(model, [np.zeros((0, 16), np.float32)])

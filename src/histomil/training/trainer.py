@@ -175,16 +175,17 @@ def predict(
     array has the bag's real length (n_tiles,); models without attention give NaNs.
     ``precision="bf16"`` runs the model under bfloat16 autocast: about half the CPU time on
     large bags (CPUs with avx512_bf16); probabilities stay close to fp32 (tests bound them within 0.02).
+    Lazy bags (:mod:`histomil.features.lazy`) are read from their files one batch at a time, every tile.
     """
     if precision not in ("fp32", "bf16"):
         raise HistomilError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
     keep_freed_memory()  # large bags allocate 100s of MB per layer (histomil.runtime)
     flush_denormals()
-    feats = [_as_tensor(b.features if isinstance(b, FeatureBag) else b) for b in bags]
-    for i, f in enumerate(feats):
-        if f.dim() != 2 or f.shape[0] == 0:
-            name = bags[i].bag_id if isinstance(bags[i], FeatureBag) else f"#{i}"  # type: ignore[union-attr]
-            raise HistomilError(f"bag {name}: no tiles to predict on (features shape {tuple(f.shape)})")
+    arrays = [b if isinstance(b, FeatureBag) else FeatureBag(f"#{i}", b, []) for i, b in enumerate(bags)]
+    for b in arrays:
+        if len(b.shape) != 2 or b.shape[0] == 0:
+            raise HistomilError(f"bag {b.bag_id}: no tiles to predict on (features shape {tuple(b.shape)})")
+    feats = bag_tensors(arrays)  # streamed from their files for lazy bags
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
@@ -194,9 +195,9 @@ def predict(
     finally:
         model.train(was_training)
     results = []
-    for (logits, attention), f in zip(outputs, feats):
+    for (logits, attention), n_tiles in zip(outputs, bag_lengths(feats)):
         probs = task.predict(logits.unsqueeze(0))[0] if task is not None else torch.softmax(logits.double(), dim=-1).numpy()
-        att = attention.numpy() if attention is not None else np.full(f.shape[0], np.nan, dtype=np.float32)
+        att = attention.numpy() if attention is not None else np.full(n_tiles, np.nan, dtype=np.float32)
         results.append((probs, att))
     return results
 
@@ -273,12 +274,6 @@ def validation_metrics(
 
 
 # --- batching ----------------------------------------------------------------------------
-
-
-def _as_tensor(features: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(features, torch.Tensor):
-        return features.float()
-    return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
 
 
 def _collate(feats: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
