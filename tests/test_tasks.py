@@ -259,3 +259,30 @@ def test_only_classifiers_combine_into_an_ensemble(tmp_path) -> None:
     b = train(_fraction_bags(20, 0), _fraction_bags(10, 1), cfg.model_copy(update={"seed": 1}), tmp_path / "b").model_path
     with pytest.raises(HistomilError, match="a regression model; only classifiers can be combined"):
         combine_checkpoints([a, b], tmp_path / "e.pt")
+
+
+def test_targets_csv_problems_are_one_line_errors(tmp_path) -> None:
+    from histomil.data.targets import load_task_bags
+
+    folder = tmp_path / "f"
+    for i in range(3):
+        write_feature_bag(folder / f"b{i}.h5", FeatureBag(f"b{i}", np.ones((2, D), np.float32), ["a", "b"],
+                                                          target=(0.5,) if i == 0 else None))
+    cases = [
+        ("case,value\nb0,1\n", "has no column target"),
+        ("case,target\nb0,0.5\nb1,abc\n", "line 3: target 'abc' is not a number"),
+        ("case,target\nb0,0.5\nb1,nan\n", "line 3: target is nan, not a finite number"),
+        ("case,target\nb0,0.7\nb1,1\nb2,2\n", r"b0: its feature file stores target \(0.5,\), .* says \(0.7,\)"),
+        ("case,target\nb0,0.5\nb1,1\n", "1 feature file\\(s\\) have no target: b2"),
+        ("case,target\nb0,0.5\nb1,1\nb2,2\nb9,3\n", "1 case\\(s\\) have no feature file: b9"),
+    ]
+    for text, msg in cases:
+        (folder / "targets.csv").write_text(text)
+        with pytest.raises(HistomilError, match=msg):
+            load_task_bags(folder, "regression")
+    (folder / "targets.csv").write_text("case,target\nb0,0.5\nb1,1\nb2,2\n")
+    assert [b.target for b in load_task_bags(folder, "regression")] == [(0.5,), (1.0,), (2.0,)]
+    shared = tmp_path / "shared.csv"  # one table for several folders may list other cases
+    shared.write_text("case,time,event\nb0,3,1\nb1,4,0\nb2,5,1\nother,1,1\n")
+    (folder / "b0.h5").unlink()
+    assert [b.target for b in load_task_bags(folder, "survival", shared)] == [(4.0, 0.0), (5.0, 1.0)]
