@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,20 @@ def test_a_rerun_skips_finished_folds_and_writes_the_same_results(survival_run) 
     assert result.output.count("finished earlier, skipped") == 4
     after = json.loads((out / "metrics.json").read_text())
     assert after["pooled"] == before["pooled"] and after["per_fold"] == before["per_fold"]
+
+
+def test_discrete_time_crossval_scores_its_own_survival_curves(tmp_path) -> None:
+    table, feats, _ = write_survival_cohort(tmp_path, n_patients=40, seed=1)
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, [
+        "crossval", "--table", str(table), "--features", str(feats), "--task", "survival", "--time", "os_months",
+        "--event", "dead", "--folds", "3", "--out", str(out), "--epochs", "6", "--set", "train.loss=discrete",
+        "--set", "train.task_options={n_bins: 3}", "--set", "train.batch_size=8", "--set", "bootstrap_resamples=10"])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["loss"] == "discrete"
+    for fold in m["per_fold"]:
+        assert math.isfinite(fold["metrics"]["ibs"]) and 0 < fold["metrics"]["ibs"] < 0.5
+    with open(out / "seed-0" / "fold-0" / "predictions_test.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header == ["bag_id", "time", "event", "risk", "survival_bin_0", "survival_bin_1", "survival_bin_2", "risk_group"]

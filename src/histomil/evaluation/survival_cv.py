@@ -41,7 +41,7 @@ from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.fold_loop import run_fold
 from histomil.evaluation.splitting import check_no_leak, roles_of
 from histomil.evaluation.survival import METRICS, SurvivalTargets, survival_bootstrap_ci, survival_metrics, survival_targets
-from histomil.evaluation.survival_plots import plot_km_risk_groups, risk_cut
+from histomil.evaluation.survival_plots import plot_km_risk_groups
 from histomil.evaluation.survival_report import evaluate_survival, held_out_times
 from histomil.features.store import FeatureBag
 from histomil.features.validate import training_encoder_info
