@@ -148,3 +148,39 @@ def test_predict_streams_lazy_bags_and_uses_every_tile(tmp_path: Path) -> None:
         np.testing.assert_allclose(a2, a1, atol=1e-6)
     with pytest.raises(HistomilError, match="no tiles"):
         predict(model, [np.zeros((0, 16), np.float32)])
+
+
+def test_streamed_patient_bags_equal_in_memory_ones(tmp_path: Path) -> None:
+    from cohort_data import write_cohort
+
+    from histomil.data.cohort import load_slide_features, match_feature_files, patient_bag, read_cohort
+    from histomil.features.lazy import LazyCombinedBag
+
+    table, feats, slides_of = write_cohort(tmp_path, n_patients=4)
+    cohort = match_feature_files(read_cohort(table, "label"), feats, "error")
+    eager, lazy = load_slide_features(cohort), load_slide_features(cohort, stream=True)
+    patient = next(p for p, s in slides_of.items() if len(s) > 1)
+    a = patient_bag(patient, [eager[s] for s in slides_of[patient]], 1)
+    b = patient_bag(patient, [lazy[s] for s in slides_of[patient]], 1)
+    assert isinstance(b, LazyCombinedBag) and b.shape == a.features.shape and b.label == 1
+    np.testing.assert_array_equal(b.features, a.features)
+    np.testing.assert_array_equal(b.coords, a.coords)
+    np.testing.assert_array_equal(b.attrs["slide_of_tile"], a.attrs["slide_of_tile"])
+    assert b.tile_paths == a.tile_paths and b.attrs["slides"] == a.attrs["slides"]
+
+
+def test_cohort_crossval_streamed_gives_the_in_memory_results(tmp_path: Path) -> None:
+    import json
+
+    from cohort_data import write_cohort
+    from feature_files import invoke
+
+    table, feats, _ = write_cohort(tmp_path)
+    args = ["crossval", "--table", table, "--features", feats, "--target", "label", "--folds", "3", "--epochs", "4",
+            "--set", "train.min_epochs=2", "--set", "bootstrap_resamples=0", "--set", "report=false"]
+    for mode in ("off", "on"):
+        result = invoke(*args, "--stream", mode, "--out", tmp_path / mode)
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "on" / "oof_predictions.csv").read_text() == (tmp_path / "off" / "oof_predictions.csv").read_text()
+    inputs = [json.loads((tmp_path / m / "inputs.json").read_text())["features_digest"] for m in ("off", "on")]
+    assert inputs[0] == inputs[1]  # the same data identity whichever way the slides are read

@@ -49,6 +49,7 @@ def crossval_cmd(
     epochs: int | None = typer.Option(None, "--epochs", help="Maximum training epochs per fold."),
     train_config: Path | None = typer.Option(None, "--config", help="YAML of training keys (lr, epochs, model_kwargs...), or of cohort settings with a train: section."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.lr=1e-3 --set val_fraction=0.25."),
+    stream: str | None = typer.Option(None, "--stream", help="off (default): every slide's features in memory; on: read from the files when used (cohorts larger than memory); auto: on when they would take over a quarter of the memory."),
 ) -> None:
     """Patient-grouped k-fold cross-validation over several seeds: mean, std and bootstrap 95% CIs."""
     overrides = parse_overrides(set_)
@@ -56,7 +57,7 @@ def crossval_cmd(
                       "--folds": folds, "--seeds": seeds, "--bag-level": bag_level, "--classes": classes,
                       "--on-missing": on_missing, "--slide-column": slide_column, "--patient-column": patient_column,
                       "--model": model, "--epochs": epochs, "--config": train_config, "--task": task,
-                      "--time": time_column, "--event": event_column}
+                      "--time": time_column, "--event": event_column, "--stream": stream}
     if config is not None:
         given = [k for k, v in cohort_options.items() if v is not None]
         if given:
@@ -78,6 +79,7 @@ def crossval_cmd(
     options: dict[str, Any] = {
         "table": table, "features": features, "target": target, "clinical_table": clinical_table, "folds": folds,
         "seeds": _seeds(seeds), "bag_level": bag_level, "on_missing": on_missing, "task": task, "time": time_column,
+        "stream": stream,
         "classes": classes.split(",") if classes is not None else None,
         **({"columns": columns} if columns else {}), **({"train": train} if train else {}),
     }

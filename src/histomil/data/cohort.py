@@ -400,22 +400,30 @@ def match_feature_files(cohort: Cohort, folder: str | Path, on_missing: OnMissin
     )
 
 
-def load_slide_features(cohort: Cohort, **options: Any) -> dict[str, FeatureBag]:
+def load_slide_features(cohort: Cohort, stream: bool = False, **options: Any) -> dict[str, FeatureBag]:
     """Every slide's feature file read through :func:`histomil.features.formats.load_any_features` (``options``:
-    ``mpp``, ``tile_size``, ``coords_dir``) and checked: finite, one feature dimension, one encoder."""
+    ``mpp``, ``tile_size``, ``coords_dir``) and checked: finite, one feature dimension, one encoder.
+
+    ``stream=True``: each file is read and checked once, one at a time, and kept as a
+    :class:`histomil.features.lazy.LazyFeatureBag` (read again when used), so the cohort need not fit in memory."""
     from histomil.features.formats import load_any_features
+    from histomil.features.lazy import scan_feature_bag
     from histomil.features.validate import check_feature_bag, training_encoder_info
 
     if not cohort.feature_files:
         raise HistomilError(f"{cohort.source}: no feature files matched yet (match_feature_files)")
     out: dict[str, FeatureBag] = {}
     for slide in cohort.slides:
-        bag = load_any_features(cohort.feature_files[slide], **options)
-        check_feature_bag(bag, dim=None, encoder=None)  # finite, at least one tile, a known precision
+        if stream:
+            bag = scan_feature_bag(cohort.feature_files[slide], check=lambda b: check_feature_bag(b, dim=None, encoder=None),
+                                   **options)
+        else:
+            bag = load_any_features(cohort.feature_files[slide], **options)
+            check_feature_bag(bag, dim=None, encoder=None)  # finite, at least one tile, a known precision
         first = next(iter(out.values()), bag)
-        if bag.features.shape[1] != first.features.shape[1]:
-            raise HistomilError(f"{bag.attrs['source_file']}: {bag.features.shape[1]}-d features, but "
-                                f"{first.attrs['source_file']} has {first.features.shape[1]}-d; one encoder per cohort")
+        if bag.shape[1] != first.shape[1]:
+            raise HistomilError(f"{bag.attrs['source_file']}: {bag.shape[1]}-d features, but "
+                                f"{first.attrs['source_file']} has {first.shape[1]}-d; one encoder per cohort")
         bag.bag_id = slide
         bag.label = cohort.patient_label[cohort.slide_patient[slide]]
         bag.attrs["patient"] = cohort.slide_patient[slide]
@@ -429,15 +437,22 @@ def patient_bag(patient: str, slides: Sequence[FeatureBag], label: int | None) -
     (``attrs["slides"]``, ``attrs["slide_of_tile"]``) and its own coordinates (when every slide has them)."""
     if not slides:
         raise HistomilError(f"patient {patient!r}: no slides to make a bag of")
-    feats = np.concatenate([b.features for b in slides], axis=0)
-    coords = None
-    if all(b.coords is not None for b in slides):
-        coords = np.concatenate([np.asarray(b.coords) for b in slides], axis=0)
     slide_of_tile = np.concatenate([np.full(len(b), i, dtype=np.int32) for i, b in enumerate(slides)])
     attrs = dict(slides[0].attrs)
     attrs.pop("source_file", None)
     attrs.update(patient=patient, slides=[b.bag_id for b in slides], slide_of_tile=slide_of_tile,
                  source_files=[str(b.attrs.get("source_file", "")) for b in slides])
+    from histomil.features.lazy import LazyCombinedBag, LazyFeatureBag
+
+    if any(isinstance(b, LazyFeatureBag) for b in slides):  # streamed slides: combined when the bag is read
+        if not all(isinstance(b, LazyFeatureBag) for b in slides):
+            raise HistomilError(f"patient {patient!r}: slides both in memory and streamed; read them one way")
+        return LazyCombinedBag(patient, slides, label, attrs,  # type: ignore[arg-type]
+                               combine=lambda loaded: patient_bag(patient, loaded, label))
+    feats = np.concatenate([b.features for b in slides], axis=0)
+    coords = None
+    if all(b.coords is not None for b in slides):
+        coords = np.concatenate([np.asarray(b.coords) for b in slides], axis=0)
     tile_paths = [t for b in slides for t in b.tile_paths]
     return FeatureBag(bag_id=patient, features=feats, tile_paths=tile_paths, label=label, coords=coords, attrs=attrs)
 

@@ -52,6 +52,7 @@ from histomil.evaluation.splitting import (
     stratified_groups_split,
 )
 from histomil.evaluation.threshold import ThresholdConfig, fit_threshold
+from histomil.features.lazy import fits_in_memory
 from histomil.features.validate import training_encoder_info
 from histomil.hardware import run_environment
 from histomil.reports.tables import write_json
@@ -63,7 +64,7 @@ Progress = Callable[[str, int, int], None]
 # Settings that may change between a stopped cross-validation and its resumption: they change no fold's
 # result (the table and feature files are compared by content digest, not by path).
 RESUMABLE = {("seeds",), ("bootstrap_resamples",), ("calibration_bins",), ("report",), ("table",), ("clinical_table",),
-             ("features",), ("train", "device"), ("train", "threads")}
+             ("features",), ("train", "device"), ("train", "threads"), ("stream",)}
 
 
 class _Strict(BaseModel):
@@ -103,6 +104,9 @@ class CohortCVConfig(_Strict):
     bootstrap_resamples: int = Field(1000, ge=0)  # 0 = no confidence intervals
     calibration_bins: int = Field(10, ge=1)
     report: bool = True  # binary targets: ROC/PR and reliability plots, report.html (per-fold curves)
+    # on: slides read from their files when used (histomil.features.lazy), for cohorts larger than memory;
+    # auto: so when their float32 features exceed a quarter of this machine's memory; off: all in memory
+    stream: Literal["off", "on", "auto"] = "off"
 
     @model_validator(mode="after")
     def _check(self) -> CohortCVConfig:
@@ -267,7 +271,9 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
         from histomil.evaluation.survival_cv import cohort_survival
 
         cohort_survival(cfg, cohort)
-    source = CohortSource(cohort, cfg.bag_level, load_slide_features(cohort))
+    source = CohortSource(cohort, cfg.bag_level, load_slide_features(cohort, stream=cfg.stream != "off"))
+    if cfg.stream == "auto" and fits_in_memory(list(source.slide_bags.values())):
+        source = CohortSource(cohort, cfg.bag_level, {s: b.load() for s, b in source.slide_bags.items()})  # type: ignore[attr-defined]
     main = distributed.is_main()  # under torchrun: folds spread over the ranks, rank 0 writes the results
     if main:
         check_inputs(

@@ -16,6 +16,7 @@ import numpy as np
 
 from histomil.data.bags import natural_key
 from histomil.data.cohort import BagLevel, Cohort, patient_bag
+from histomil.features.lazy import bag_digest
 from histomil.features.store import FeatureBag
 
 
@@ -64,9 +65,9 @@ class CohortSource:
         feature files that changed since its folder was made."""
         h = hashlib.sha256()
         for s in self.cohort.slides:
-            f = np.ascontiguousarray(self.slide_bags[s].features, dtype=np.float32)
-            h.update(f"{s}|{f.shape}\n".encode())
-            h.update(f.data)
+            bag = self.slide_bags[s]
+            h.update(f"{s}|{tuple(bag.shape)}\n".encode())
+            h.update(bag_digest(bag).encode())  # streamed or in memory: the same value
         return h.hexdigest()
 
 

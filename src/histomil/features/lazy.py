@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,37 @@ class LazyFeatureBag(FeatureBag):
         return isinstance(other, LazyFeatureBag) and (self.path, self.digest, self.label) == (other.path, other.digest, other.label)
 
 
+class LazyCombinedBag(LazyFeatureBag):
+    """One bag of the tiles of several lazy bags (e.g. all the slides of a patient), put together by
+    ``combine`` (a function of the loaded parts) each time it is read; shape and digest from the parts."""
+
+    def __init__(self, bag_id: str, parts: Sequence[LazyFeatureBag], label: int | None, attrs: dict[str, Any],
+                 combine: Callable[[list[FeatureBag]], FeatureBag]) -> None:
+        if not parts:
+            raise HistomilError(f"bag {bag_id!r}: no parts to combine")
+        self.parts = list(parts)
+        self.combine = combine
+        self.path = self.parts[0].path
+        self.bag_id, self.label, self.attrs, self.target = bag_id, label, attrs, None
+        self.n_tiles = sum(p.n_tiles for p in self.parts)
+        self.dim = self.parts[0].dim
+        self.digest = hashlib.sha256("|".join(p.digest for p in self.parts).encode()).hexdigest()
+        self.options, self.stat = {}, (0, 0)
+
+    def load(self) -> FeatureBag:
+        bag = self.combine([p.load() for p in self.parts])
+        bag.bag_id, bag.label, bag.attrs = self.bag_id, self.label, self.attrs
+        return bag
+
+    def __repr__(self) -> str:
+        return f"LazyCombinedBag({self.bag_id!r}, {len(self.parts)} parts, {self.n_tiles}x{self.dim}, label={self.label})"
+
+
+def bag_digest(bag: FeatureBag) -> str:
+    """The digest of a bag's features: a lazy bag's from its scan, an in-memory bag's computed now (the same value)."""
+    return bag.digest if isinstance(bag, LazyFeatureBag) else features_digest(bag.features)
+
+
 def _stat(path: Path) -> tuple[int, int]:
     try:
         st = os.stat(path)
@@ -99,13 +131,17 @@ def _stat(path: Path) -> tuple[int, int]:
     return int(st.st_size), int(st.st_mtime_ns)
 
 
-def scan_feature_bag(path: str | Path, mpp: float | None = None, label: int | None = None, **options: Any) -> LazyFeatureBag:
+def scan_feature_bag(path: str | Path, mpp: float | None = None, label: int | None = None,
+                     check: Callable[[FeatureBag], None] | None = None, **options: Any) -> LazyFeatureBag:
     """Read and check one feature file (any layout :func:`load_any_features` reads) and keep only its
-    description: a :class:`LazyFeatureBag`. Same arguments as :func:`load_any_features`."""
+    description: a :class:`LazyFeatureBag`. Same arguments as :func:`load_any_features`; ``check``: a
+    further check of the bag read (e.g. :func:`histomil.features.validate.check_feature_bag`)."""
     path = Path(path)
     stat = _stat(path)
     opts = {"mpp": mpp, **options}
     bag = load_any_features(path, label=label, **opts)
+    if check is not None:
+        check(bag)
     lazy = LazyFeatureBag(path, bag.bag_id, bag.label, bag.features.shape[0], bag.features.shape[1],
                           features_digest(bag.features), bag.attrs, opts, stat)
     lazy.target = getattr(bag, "target", None)
@@ -147,7 +183,13 @@ def read_training_folder(folder: str | Path, stream: str = "auto", processes: in
     if stream == "off":
         return load_features_folder(folder, require_labels=True, **options)
     bags = lazy_features_folder(folder, require_labels=True, **options)
-    total = physical_memory_bytes()
-    if stream == "auto" and total is not None and in_memory_bytes(bags) * max(1, processes) <= MEMORY_SHARE * total:
+    if stream == "auto" and fits_in_memory(bags, processes):
         return [b.load() for b in bags]
     return list(bags)
+
+
+def fits_in_memory(bags: list[FeatureBag], processes: int = 1) -> bool:
+    """Whether ``processes`` copies of the bags' float32 features fit in :data:`MEMORY_SHARE` of the
+    physical memory (the ``stream="auto"`` rule; True where the OS does not say how much there is)."""
+    total = physical_memory_bytes()
+    return total is None or in_memory_bytes(bags) * max(1, processes) <= MEMORY_SHARE * total
