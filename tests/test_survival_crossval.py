@@ -113,6 +113,8 @@ def test_survival_crossval_input_errors_are_one_line(tmp_path) -> None:
         (["--task", "survival", "--time", "nope", "--event", "dead"], "no time column 'nope'"),
         (["--task", "survival", "--time", "os_months", "--event", "os_months"], "event column"),
         (["--task", "survival", "--time", "dead", "--event", "dead"], "not a number above 0"),
+        (["--time", "os_months", "--target", "dead"], "only it takes one"),  # a time column without task survival
+        (["--task", "survival", "--time", "os_months", "--event", "dead", "--target", "patient"], "not both"),
     ]
     for i, (extra, msg) in enumerate(cases):
         result = runner.invoke(app, base + extra + ["--out", str(tmp_path / f"cv{i}")])
