@@ -117,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples of the test bags")
     p.add_argument("--train-bags", type=int, default=300)
+    p.add_argument("--val-bags", type=int, default=100)
+    p.add_argument("--test-bags-per-w", type=int, default=8, help="test bags of each W = 1..bag size")
+    p.add_argument("--bag-size", type=int, default=40)
+    p.add_argument("--encoder", default="efficientnet_lite0")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    spec = SurvivalCohortSpec(train_bags=a.train_bags)
+    spec = SurvivalCohortSpec(train_bags=a.train_bags, val_bags=a.val_bags, test_bags_per_w=a.test_bags_per_w,
+                              bag_size=a.bag_size)
     t0 = time.perf_counter()
-    table = make_survival_cohort(a.tiles, a.out / "cohort", spec, FeatureConfig(), log=lambda m: print(m, flush=True))
+    table = make_survival_cohort(a.tiles, a.out / "cohort", spec, FeatureConfig(encoder=a.encoder),
+                                 log=lambda m: print(m, flush=True))
     prep = time.perf_counter() - t0
     rows = read_survival_cohort(table)
     print(f"cohort ready in {prep:.0f} s: {cohort_summary(rows)}", flush=True)
