@@ -205,6 +205,8 @@ def _assign_tiles(patients: list[PatientPlan], table: TileTable, spec: SynthCoho
     used: set[str] = set()
 
     def take(pool: list[str], kind: int, need: int, pid: str) -> list[int]:
+        """Donor cases for ``need`` cells: the smallest free case that covers what is left, else the largest
+        (few tiles are wasted, so the table's patients go further); ties in the pool's shuffled order."""
         tiles: list[int] = []
         while len(tiles) * spec.max_orientations < need:
             free = [c for c in pool if c not in used]
@@ -213,8 +215,12 @@ def _assign_tiles(patients: list[PatientPlan], table: TileTable, spec: SynthCoho
                 raise HistomilError(
                     f"{table.source}: too few {what} patients for the synthetic cohort (patient {pid} needs {need} "
                     f"{'tumour' if kind else 'non-tumour'} tiles); ask for fewer patients or smaller slides")
-            used.add(free[0])
-            tiles.extend(by_case[free[0]][kind])
+            left = need - len(tiles) * spec.max_orientations
+            size = {c: len(by_case[c][kind]) for c in free}
+            fits = [c for c in free if size[c] * spec.max_orientations >= left]
+            pick = min(fits, key=size.__getitem__) if fits else max(free, key=size.__getitem__)
+            used.add(pick)
+            tiles.extend(by_case[pick][kind])
         return tiles
 
     for p in patients:
