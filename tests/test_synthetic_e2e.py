@@ -1,7 +1,8 @@
 """The whole slide-cohort path on a tiny synthetic cohort, through the command line:
 
 synth-cohort -> tile -> features slides (EfficientNet-Lite0, CPU) -> crossval --table -> evaluate --table on
-the held-out patients -> heatmap --features -> localise against the known tumour tiles.
+the held-out patients (with each patient bag's attention drawn on its slides) -> heatmap --features ->
+localise against the known tumour tiles.
 
 About 40 s of CPU time (most of it the encoder on ~200 tiles); real numbers are asserted: the patient
 bags hold every slide, the held-out evaluation covers exactly the test patients, and attention finds the
@@ -49,12 +50,13 @@ def pipeline(tmp_path_factory) -> Path:
     _run("crossval", "--table", synth / "cohort.csv", "--features", feats, "--target", "label", "--folds", "3",
          "--epochs", "20", "--set", "train.threads=1", "--set", "bootstrap_resamples=200", "--out", cv)
     _run("evaluate", cv, "--table", synth / "cohort.csv", "--features", feats, "--target", "label",
-         "--bootstrap", "200", "--out", root / "external")
+         "--bootstrap", "200", "--slides", synth / "slides", "--slide-mpp", "0.5", "--out", root / "external")
     for row in _rows(synth / "cohort.csv"):
         if row["split"] == "test":
             _run("heatmap", cv / "ensemble.pt", synth / "slides" / f"{row['slide']}.tif", "--features", feats,
                  "--slide-mpp", "0.5", "--out", root / "heatmaps")
     _run("localise", synth / "truth.csv", root / "heatmaps", "--out", root / "localisation.json")
+    _run("localise", synth / "truth.csv", root / "external" / "heatmaps", "--out", root / "localisation_patient.json")
     return root
 
 
@@ -85,6 +87,11 @@ def test_attention_finds_the_tumour_tiles(pipeline: Path) -> None:
     held_out = json.loads((pipeline / "localisation.json").read_text())["summary"]
     assert held_out["n_tumour_slides"] >= 1
     assert held_out["auc_mean"] > 0.6  # the ensemble's heatmaps of the held-out slides (2 with tumour here)
+    # the same slides drawn from the patient bags' attention (evaluate --slides): every held-out slide, scored alike
+    patient = json.loads((pipeline / "localisation_patient.json").read_text())
+    assert [r["slide"] for r in patient["slides"]] == [r["slide"] for r in json.loads(
+        (pipeline / "localisation.json").read_text())["slides"]]
+    assert patient["summary"]["auc_mean"] > 0.6
     # out of fold: each fold model's attention on its own test patients' slides
     truth = read_truth(pipeline / "synth" / "truth.csv")
     cohort = match_feature_files(read_cohort(pipeline / "synth" / "cohort.csv", "label"), pipeline / "feats")

@@ -24,6 +24,8 @@ def evaluate_table(
     threshold: float | None = None,
     bootstrap: int = 1000,
     allow_encoder_mismatch: bool = False,
+    slides: Path | None = None,
+    slide_mpp: float | None = None,
 ) -> None:
     """Run :func:`histomil.evaluation.cohort_evaluate.evaluate_cohort` with the command's options and print its table."""
     from histomil.data.cohort import ON_MISSING
@@ -41,6 +43,7 @@ def evaluate_table(
     with progress_bars() as progress:
         evaluate_cohort(model, table, features, target, out, clinical_table=clinical_table, classes=class_list,
                         on_missing=on_missing, split=split, bag_level=bag_level, threshold=threshold,  # type: ignore[arg-type]
-                        n_resamples=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch, log=log, progress=progress)
+                        n_resamples=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch, slides=slides,
+                        slide_mpp=slide_mpp, log=log, progress=progress)
     show_result((out / "metrics.md").read_text())
     show_result(f"written to {out}")

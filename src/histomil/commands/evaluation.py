@@ -32,6 +32,8 @@ def evaluate_cmd(
     classes: Optional[str] = typer.Option(None, "--classes", help="With --table: class order, e.g. normal,tumor (default: the cross-validation's, else sorted)."),
     on_missing: str = typer.Option("error", "--on-missing", help="With --table: error, or skip slides without feature files / files without rows."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="With --table: bootstrap resamples of patients for the 95% intervals (0: none)."),
+    slides: Optional[Path] = typer.Option(None, "--slides", help="With --table: folder of the slide files; the ensemble draws each patient bag's attention on every slide (OUT/heatmaps)."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="With --slides: scan um/px for slides whose header has none."),
 ) -> None:
     """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
 
@@ -50,7 +52,8 @@ def evaluate_cmd(
             raise HistomilError("give feature folders or --table, not both")
         evaluate_table(model, table, features, target, out, clinical_table=clinical_table, split=split,
                        bag_level=bag_level, classes=classes, on_missing=on_missing, threshold=threshold,
-                       bootstrap=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch)
+                       bootstrap=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch, slides=slides,
+                       slide_mpp=slide_mpp)
         return
     if not test_sets:
         raise HistomilError("give one or more labelled feature folders, or --table with --features and --target")

@@ -12,7 +12,8 @@ at the threshold it recorded (fold models: fitted on their validation patients; 
 those); nothing is fitted on the evaluated patients. Slide-level bags are averaged per patient.
 
 Writes ``predictions_<model>.csv`` per model, ``metrics.json`` (per model, with intervals, and the mean ±
-sd over the fold models), ``metrics.md`` and, for a binary target, ``roc_pr.png``.
+sd over the fold models), ``metrics.md``, for a binary target ``roc_pr.png`` and, given the slide files,
+``heatmaps/`` with each patient bag's attention drawn on each of its slides.
 """
 
 from __future__ import annotations
@@ -116,10 +117,15 @@ def evaluate_cohort(
     n_resamples: int = 1000,
     bins: int = 10,
     allow_encoder_mismatch: bool = False,
+    slides: str | Path | None = None,
+    slide_mpp: float | None = None,
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every model of ``model_or_cv`` on the table's patients; write and return ``metrics.json``'s content."""
+    """Evaluate every model of ``model_or_cv`` on the table's patients; write and return ``metrics.json``'s content.
+
+    With ``slides`` (a folder of the slide files), the ensemble (or the one model) also draws each
+    evaluated patient's bag attention on every slide of the patient (:func:`patient_heatmaps`)."""
     from histomil.training.checkpoint import load_checkpoint
     from histomil.training.trainer import predict
 
@@ -175,7 +181,36 @@ def evaluate_cohort(
         from histomil.reports.plots import plot_roc_pr
 
         plot_roc_pr(curves, out / "roc_pr.png")
+    if slides is not None:
+        name = "ensemble" if "ensemble" in models else next(iter(models))
+        patient_heatmaps(load_checkpoint(models[name])[0], bags, slides, out / "heatmaps", slide_mpp, progress)
     return summary
+
+
+def patient_heatmaps(model, bags: Sequence, slides: str | Path, out: Path, slide_mpp: float | None = None,
+                     progress: Progress | None = None) -> list[Path]:
+    """``<slide>_heatmap.png`` and ``<slide>_tiles.geojson`` for every slide of every bag: the attention of
+    the whole bag (a patient's slides together) drawn on each slide, so the slides of one patient share
+    one scale of attention (``localise`` reads the GeoJSON files)."""
+    from histomil.evaluation.localisation import attention_by_slide
+    from histomil.slides.features import find_slides
+    from histomil.slides.heatmap import write_slide_heatmap
+    from histomil.slides.tiling import TilingSpec
+
+    files = {p.stem: p for p in find_slides([slides])}
+    spec = TilingSpec(slide_mpp=slide_mpp)
+    written: list[Path] = []
+    for i, bag in enumerate(bags):
+        for slide, tiles in attention_by_slide(model, [bag]).items():
+            if slide not in files:
+                raise HistomilError(f"{slides}: no slide file for slide {slide} (patient {bag.attrs.get('patient', bag.bag_id)})")
+            png, geo = write_slide_heatmap(files[slide], tiles.coords, tiles.scores, out / f"{slide}_heatmap.png",
+                                           out / f"{slide}_tiles.geojson", patch_size_level0=tiles.size, spec=spec,
+                                           title=f"{slide}: attention of patient {bag.attrs.get('patient', bag.bag_id)}'s bag")
+            written += [png, geo]  # type: ignore[list-item]
+        if progress:
+            progress("patient heatmaps", i + 1, len(bags))
+    return written
 
 
 def _with_ci(m: dict[str, Any], key: str) -> str:
