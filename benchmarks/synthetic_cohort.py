@@ -1,8 +1,9 @@
 """The slide-cohort path end to end on a synthetic cohort with known tumour tiles, through the CLI:
 
 synth-cohort -> tile -> features slides (EfficientNet-Lite0) -> crossval --table (5 folds x 3 seeds) ->
-evaluate --table on the held-out patients (each fold model and the ensemble) -> predict-slides heatmaps of
-the held-out slides -> localise; plus out-of-fold localisation (each fold model's attention on its own test
+evaluate --table on the held-out patients (each fold model and the ensemble; --slides draws each patient
+bag's attention on its slides) -> predict-slides heatmaps of the held-out slides -> localise (both kinds of
+heatmap); plus out-of-fold localisation (each fold model's attention on its own test
 patients' slides). Every step's wall time is recorded; re-running resumes (finished folds, feature files).
 
     python benchmarks/synthetic_cohort.py --tiles ../shared/data/ebhi/tiles.csv --out runs/synth_cohort
@@ -91,6 +92,9 @@ def markdown(s: dict) -> str:
     held_auc = "n/a" if held["auc_mean"] is None else \
         f"{held['auc_mean']:.3f} ± {held['auc_sd'] or 0:.3f} ({held['n_auc_slides']} slides)"
     held_hit = "n/a" if held["top1_hit_rate"] is None else f"{held['top1_hit_rate']:.2f}"
+    bags = s["localisation_heldout_patient_bags"]
+    bag_auc = "n/a" if bags["auc_mean"] is None else f"{bags['auc_mean']:.3f} ± {bags['auc_sd'] or 0:.3f} ({bags['n_auc_slides']} slides)"
+    bag_hit = "n/a" if bags["top1_hit_rate"] is None else f"{bags['top1_hit_rate']:.2f}"
     lines = [
         f"Synthetic cohort: {s['cohort']['n_patients']} patients ({s['cohort']['n_positive_patients']} with tumour), "
         f"{s['cohort']['n_slides']} slides, {s['n_tiles']} tiles; {cv['n_patients'] - cv['n_holdout_patients']} patients "
@@ -108,6 +112,7 @@ def markdown(s: dict) -> str:
         + " | | |",
         f"| held-out patients ({ext['n_patients']}), ensemble [95% CI] | {_point(ens, 'roc_auc')} | "
         f"{_point(ens, 'balanced_accuracy')} | {_point(ens, 'accuracy')} | {held_auc} | {held_hit} |",
+        f"| held-out patients, ensemble, attention of the patient bags (evaluate --slides) | | | | {bag_auc} | {bag_hit} |",
         "",
         "Localisation AUC: per slide with tumour, the ROC-AUC of the model's attention against the known tumour "
         "tiles; cross-validation: each fold model on its own test patients' slides (mean ± sd over fold runs), "
@@ -144,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     timings["crossval"] = histomil("crossval", "--table", synth / "cohort.csv", "--features", feats, "--target", "label",
                                    "--folds", args.folds, "--seeds", args.seeds, "--epochs", args.epochs, "--out", cv)
     timings["evaluate"] = histomil("evaluate", cv, "--table", synth / "cohort.csv", "--features", feats, "--target",
-                                   "label", "--out", out / "external")
+                                   "label", "--slides", synth / "slides", "--slide-mpp", 0.5, "--out", out / "external")
     with open(synth / "cohort.csv", newline="") as fh:
         test_slides = [synth / "slides" / f"{r['slide']}.tif" for r in csv.DictReader(fh) if r["split"] == "test"]
     timings["predict-slides"] = histomil("predict-slides", cv / "ensemble.pt", *test_slides, "--features", feats,
                                          "--slide-mpp", 0.5, "--out", out / "deploy")
     timings["localise"] = histomil("localise", synth / "truth.csv", out / "deploy" / "heatmaps",
                                    "--out", out / "localisation_heldout.json")
+    histomil("localise", synth / "truth.csv", out / "external" / "heatmaps", "--out", out / "localisation_patient_bags.json")
     t = time.perf_counter()
     oof = oof_localisation(synth, feats, cv)
     timings["out-of-fold localisation"] = round(time.perf_counter() - t, 1)
@@ -163,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "crossval": json.loads((cv / "metrics.json").read_text()),
         "external": json.loads((out / "external" / "metrics.json").read_text()),
         "localisation_heldout": json.loads((out / "localisation_heldout.json").read_text())["summary"],
+        "localisation_heldout_patient_bags": json.loads((out / "localisation_patient_bags.json").read_text())["summary"],
         "localisation_oof": oof, "timings": timings,
     }
     write_json(out / "summary.json", summary)
