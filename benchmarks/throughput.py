@@ -220,6 +220,7 @@ def bench_extract(a: argparse.Namespace, tiles: list[Path], log: Callable[[str],
 def bench_features(a: argparse.Namespace, models: list[str], log: Callable[[str], None]) -> list[dict[str, Any]]:
     from histomil.models.registry import build_model
     from histomil.training import trainer
+    from histomil.training.tasks import build_task
     from histomil.training.trainer import TrainConfig, predict
 
     g = torch.Generator().manual_seed(a.seed)
@@ -234,10 +235,12 @@ def bench_features(a: argparse.Namespace, models: list[str], log: Callable[[str]
         optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-4)  # as trainer.train
         for bs in a.batch_sizes:
             config = TrainConfig(model=name, batch_size=bs)
+            task = build_task(config)  # classification, as trainer.train fits it
+            task.fit(y.numpy(), y.numpy())
             rng = np.random.default_rng(a.seed)
             calls = {
                 "infer": partial(predict, model, feats, batch_size=bs),
-                "train": partial(trainer.train_epoch, model, optimizer, feats, y, config, rng, None, device),
+                "train": partial(trainer.train_epoch, model, optimizer, feats, y.numpy(), config, rng, task, device),
             }
             for mode, fn in calls.items():
                 fn()  # warm-up pass

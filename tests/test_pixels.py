@@ -73,8 +73,9 @@ def toy(tmp_path_factory) -> tuple[list[Bag], list[Bag]]:
 
 
 def small_cfg(**kw) -> PixelTrainConfig:
+    # fp32 unless a test asks: the default, auto, is bf16 on CPUs with native bf16 and fp32 elsewhere
     base = dict(input_size=TILE, pretrained=False, finetune="all", epochs=2, lr=3e-3, encoder_lr=1e-3, min_epochs=0,
-                patience=50, seed=5, num_workers=0, tile_chunk=3,
+                patience=50, seed=5, num_workers=0, tile_chunk=3, precision="fp32",
                 model_kwargs={"embed_dim": 16, "attn_dim": 8, "dropout": 0.0})
     base.update(kw)
     return PixelTrainConfig(**base)
@@ -503,12 +504,12 @@ def test_real_ebhi_tiles_frozen_encoder_equals_feature_pipeline(ebhi_bags: Path,
     """finetune=none sees exactly the embeddings the cached-feature pipeline would store."""
     bags = load_bags(ebhi_bags)
     torch.manual_seed(0)
-    model = build_pixel_model(PixelTrainConfig(finetune="none", tile_chunk=2), 2, 224).eval()
+    model = build_pixel_model(PixelTrainConfig(finetune="none", tile_chunk=2, precision="fp32"), 2, 224).eval()
     prep = model.prep
     tiles = [np.asarray(Image.open(p).convert("RGB")) for p in bags[1].tile_paths]
     with torch.no_grad():
         emb = model.encode(prep(tiles))
-    ref = build_encoder("efficientnet_lite0", pretrained=True).encode(np.stack(tiles))
+    ref = build_encoder("efficientnet_lite0", pretrained=True, precision="fp32").encode(np.stack(tiles))
     np.testing.assert_allclose(emb.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 

@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import config
 from histomil.data.cohort import CohortColumns, load_slide_features, match_feature_files, read_cohort
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.cohort_results import fold_metrics, write_fold_predictions, write_results
 from histomil.evaluation.cohort_source import CohortSource
@@ -283,7 +284,7 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
             notes={"table": str(cfg.table), "features": str(cfg.features)},
         )
         write_json(out / "config.json", cfg_json)
-        write_json(out / "environment.json", run_environment("fp32", cfg.train.device if cfg.train.device != "auto" else None))
+        write_json(out / "environment.json", run_environment("fp32", resolve_device(cfg.train.device)))
     holdout = {p for p, s in (cohort.patient_split or {}).items() if s == "test"}
     patients = [p for p in cohort.patients if p not in holdout]
     log(f"{len(patients)} patients cross-validated in {cfg.folds} folds x {len(cfg.seeds)} seed(s), bags per "

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import config
 from histomil.data.compose import StudySpec, TileTable, read_study, read_tile_table
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.cv_summary import (
     ATTENTION_KEYS,
@@ -286,7 +287,8 @@ def run_crossval(
     cfg_json = json.loads(cfg.model_dump_json())
     check_settings(out, CrossValConfig, cfg_json, _RESUMABLE)
     write_json(out / "config.json", cfg_json)
-    write_json(out / "environment.json", run_environment(cfg.features.precision))  # resolved precision, hardware
+    # resolved precision and the hardware the features are extracted on
+    write_json(out / "environment.json", run_environment(cfg.features.precision, resolve_device(cfg.features.device)))
     source = StudySource(cfg.features, out / "cache", cfg.calibration_bins, cfg.bootstrap_resamples, log, progress)
 
     c = cfg.columns

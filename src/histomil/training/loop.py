@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histomil.devices import device_record
 from histomil.errors import HistomilError
 from histomil.features.store import atomic_write, exclusive_output, remove_temp_leftovers
 from histomil.reports.tables import write_json
@@ -182,6 +183,8 @@ def run_training(
             if main:
                 remove_temp_leftovers(out_dir, path.name)
         run = build()
+        if main:
+            write_device_record(out_dir / "environment.json", device, str(getattr(config, "precision", "fp32")))
         restored = None
         if resume and paths["last"].exists():
             restored = restore_state(paths["last"], run, config, device, identity, resumable_changes)
@@ -276,6 +279,12 @@ def best_extra(row: dict[str, Any], monitor: str, y_train: np.ndarray, n_val_bag
 
 
 # --- files -------------------------------------------------------------------------------
+
+
+def write_device_record(path: Path, device: torch.device, precision: str) -> None:
+    """``environment.json``: where the run trains (device, its name, precision), atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(device_record(device, precision), indent=2) + "\n")
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
