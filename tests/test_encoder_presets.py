@@ -383,7 +383,7 @@ def test_model_remembers_its_weights_and_predict_refuses_others(
 def test_slide_prediction_refuses_an_encoder_with_other_weights() -> None:
     from types import SimpleNamespace
 
-    from histomil.slides.heatmap import check_encoder
+    from histomil.slides.predict_slides import check_encoder
 
     info = EncoderInfo(f"timm:{TINY}", 224, (0.5,) * 3, (0.5,) * 3, 192, resize=248, interpolation="bicubic", weights="sha256:b")
     meta = {"in_dim": 192, "encoder_info": {"name": f"timm:{TINY}", "input_size": 224, "weights": "sha256:a"}}

@@ -23,7 +23,6 @@ from histomil.slides import TilingSpec
 from histomil.slides.heatmap import (
     bag_scores,
     heatmap_overlay,
-    predict_slides,
     render_heatmap,
     scale_scores,
     score_canvas,
@@ -32,6 +31,7 @@ from histomil.slides.heatmap import (
     write_slide_heatmap,
 )
 from histomil.hardware import cpu_name, resolve_precision
+from histomil.slides.predict_slides import predict_slides
 from histomil.training.checkpoint import save_checkpoint
 
 CMU = "wsi/CMU-1-Small-Region.svs"

@@ -132,7 +132,7 @@ def test_heatmap_encodes_the_tiles_of_tridents_patches_folder(cmu: Path, tmp_pat
     # without --features the model's encoder encodes the tiles TRIDENT cut (<slide>_patches.h5)
     from tiny_runs import colour_stats_encoder
 
-    from histomil.slides.heatmap import predict_slides
+    from histomil.slides.predict_slides import predict_slides
 
     enc = colour_stats_encoder()
     model = tiny_model(tmp_path / "model", enc.info.name, dim=enc.info.dim)

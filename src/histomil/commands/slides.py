@@ -257,7 +257,8 @@ def heatmap_cmd(
     With --features the slide is not encoded: the features (any layout histomil reads) are predicted
     and drawn where the tiler cut them.
     """
-    from histomil.slides.heatmap import SCALES, predict_slides
+    from histomil.slides.heatmap import SCALES
+    from histomil.slides.predict_slides import predict_slides
 
     _check_choice("--scale", scale, SCALES)
     _check_choice("--precision", precision, PRECISIONS)
@@ -312,7 +313,8 @@ def predict_slides_cmd(
     device: DeviceOpt = "auto",
 ) -> None:
     """Predict unlabelled slides: tile, encode with the model's encoder (or read --features), predict; CSV plus heatmaps."""
-    from histomil.slides.heatmap import SCALES, predict_slides
+    from histomil.slides.heatmap import SCALES
+    from histomil.slides.predict_slides import predict_slides
 
     _check_choice("--scale", scale, SCALES)
     _check_choice("--on-bad-slide", on_bad_slide, ("error", "skip"))

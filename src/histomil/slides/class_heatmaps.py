@@ -25,6 +25,7 @@ from torch import nn
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
 from histomil.models.clam import CLAM
+from histomil.slides.heatmap import write_slide_heatmap
 from histomil.slides.tiling import TilingSpec
 from histomil.training.task_base import Task
 
@@ -60,8 +61,6 @@ def write_class_heatmaps(
 ) -> list[Path]:
     """One heatmap PNG per class of ``bag`` (a slide's features, with coordinates) over ``slide_path``:
     ``<out_dir>/<bag_id>_class-<name>.png``; returns their paths."""
-    from histomil.slides.heatmap import write_slide_heatmap
-
     if bag.coords is None:
         raise HistomilError(f"bag {bag.bag_id}: no tile coordinates, so no slide heatmap")
     probs, scores, kind = class_scores(model, bag, task)
