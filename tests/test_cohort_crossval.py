@@ -120,7 +120,9 @@ def test_out_of_fold_predictions_and_metrics(cohort_run):
     assert on_disk["pooled"] == json.loads(json.dumps(summary["pooled"]))
     for name in ("config.json", "crossval.json", "crossval.md", "report.html", "roc_pr.png"):
         assert (root / "cv" / name).is_file(), name
-    assert "per run" in (root / "cv" / "report.html").read_text().lower()
+    html = (root / "cv" / "report.html").read_text()
+    assert "per run" in html.lower()
+    assert "Patient-level metrics" in html and "Bag-level" not in html  # the bags of this cross-validation are patients
     for f in range(3):
         fold = root / "cv" / "seed-0" / f"fold-{f}"
         assert (fold / "model.pt").is_file() and (fold / "history.csv").is_file() and not (fold / "last.pt").exists()

@@ -171,7 +171,7 @@ def write_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[M
         summary["mean_over_folds"] = cv["test_sets"]["test"]["metrics"]
         summary["ece"] = cv["test_sets"]["test"]["ece"]
         crossval = {"format": "histomil-crossval", "input_kind": "Cohort table", "table": cohort.source,
-                    "folds": cfg.folds, "seeds": list(cfg.seeds), "n_runs": cv.pop("n_runs"),
+                    "bag_level": cfg.bag_level, "folds": cfg.folds, "seeds": list(cfg.seeds), "n_runs": cv.pop("n_runs"),
                     "n_patients": len(cohort.patients), "n_holdout_patients": len(holdout), **cv}
         write_json(out / "crossval.json", crossval)
         write_text(out / "crossval.md", crossval_markdown(crossval))

@@ -756,9 +756,11 @@ def _crossval_report(run: Path, fig_dir: Path, named: Sequence[str], max_bags: i
     if not sets or not runs:
         raise HistomilError(f"{run / 'crossval.json'}: no finished runs or test sets")
     th = summary.get("threshold", {})
+    unit = str(summary.get("bag_level", "bag"))  # a cohort's bags are patients or slides; a tile study's are bags
+    units = {"patient": "patients", "slide": "slides"}.get(unit, "bags")
 
     # --- table from crossval.json
-    head = "<tr><th>test set</th><th>runs</th><th>bags (pos), pooled</th>"
+    head = f"<tr><th>test set</th><th>runs</th><th>{units} (pos), pooled</th>"
     head += "".join(f"<th>{_esc(METRIC_TITLES[m])}</th>" for m in METRICS) + "<th>ECE</th><th>ECE pooled</th></tr>"
     rows = []
     for name, s in sets.items():
@@ -783,8 +785,8 @@ def _crossval_report(run: Path, fig_dir: Path, named: Sequence[str], max_bags: i
         + f"; threshold: {_esc(th.get('description', '?'))} (per run {_fmt(th.get('mean'))} ± {_fmt(th.get('std'))})."
         + (f" Total wall time {float(summary['wall_seconds']):.0f} s." if summary.get("wall_seconds") else "")
         + "</p>",
-        '<h2 id="metrics">Bag-level metrics</h2><p class="note">Cells: mean ± standard deviation over runs'
-        + (f" [95% bootstrap interval of the mean: bags resampled within each run, {n_boot} resamples]" if n_boot else "")
+        f'<h2 id="metrics">{unit.capitalize()}-level metrics</h2><p class="note">Cells: mean ± standard deviation over runs'
+        + (f" [95% bootstrap interval of the mean: {units} resampled within each run, {n_boot} resamples]" if n_boot else "")
         + ". ECE: expected calibration error per run (mean ± std) and of all runs' predictions pooled.</p>"
         + table,
     ]
