@@ -205,7 +205,7 @@ def test_three_classes_and_held_out_patients(tmp_path):
     for r in oof:
         probs = [float(r[f"prob_G{k}"]) for k in (1, 2, 3)]
         assert sum(probs) == pytest.approx(1.0) and int(r["y_pred"]) == int(np.argmax(probs))
-    assert set(summary["mean_over_folds"]) == {"accuracy", "balanced_accuracy", "roc_auc", "f1_macro"}
+    assert set(summary["mean_over_folds"]) == {"accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc", "f1_macro"}
     assert summary["holdout"]["n_patients"] == 3 and summary["holdout"]["model"] == "ensemble.pt"
     assert len(read_csv(tmp_path / "cv" / "holdout_predictions.csv")) == 3
 

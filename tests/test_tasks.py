@@ -141,7 +141,7 @@ def test_checkpoints_from_before_tasks_are_classifiers() -> None:
 
 
 def test_multiclass_metrics_hand_computed() -> None:
-    from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
 
     from histomil.evaluation.task_metrics import multiclass_metrics
 
@@ -159,6 +159,9 @@ def test_multiclass_metrics_hand_computed() -> None:
     ap = np.mean([average_precision_score(y == c, probs[:, c]) for c in range(3)])
     assert m["macro_pr_auc"]["value"] == pytest.approx(ap)
     assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["c"]["recall"] == 0.5
+    # F1: a 2*1/(2+1+1) = 1/2, b 2*2/(4+1+0) = 4/5, c 2*1/(2+0+1) = 2/3
+    assert m["f1_macro"]["value"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert m["f1_macro"]["value"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"))
     lo, hi = m["accuracy"]["low"], m["accuracy"]["high"]
     assert 0 <= lo < 4 / 6 < hi <= 1
     with pytest.raises(HistomilError, match="sum to 1"):

@@ -28,7 +28,7 @@ from histomil.evaluation.calibration import expected_calibration_error
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.cv_summary import crossval_markdown, summarize_folds, write_predictions
 from histomil.evaluation.metrics import binary_metrics
-from histomil.evaluation.multiclass import MULTICLASS_METRICS, multiclass_bootstrap_ci, multiclass_metrics
+from histomil.evaluation.task_metrics import MULTICLASS_METRICS, multiclass_metrics
 from histomil.reports.tables import write_json, write_text
 
 Log = Callable[[str], None]
@@ -44,9 +44,10 @@ def fold_metrics(y: np.ndarray, probs: np.ndarray, threshold: float | None, n_re
         if n_resamples:
             out["ci"] = bootstrap_ci(y, p, threshold, n_resamples, seed=boot_seed)
         return out
-    out = multiclass_metrics(y, probs)
+    m = multiclass_metrics(y, probs, n_resamples=max(n_resamples, 1), seed=boot_seed)
+    out = {"n": m["n"], **{k: m[k]["value"] for k in MULTICLASS_METRICS}, "confusion_matrix": m["confusion_matrix"]}
     if n_resamples:
-        out["ci"] = multiclass_bootstrap_ci(y, probs, n_resamples, seed=boot_seed)
+        out["ci"] = {k: m[k] for k in MULTICLASS_METRICS}
     return out
 
 
@@ -97,10 +98,10 @@ def _pooled(records: Sequence[Mapping[str, Any]], binary: bool, n_resamples: int
                                    for m in METRICS}
             doc["ece"] = expected_calibration_error(y, probs[:, 1], bins)
         else:
-            ci = multiclass_bootstrap_ci(y, probs, max(n_resamples, 1), seed=0)
+            ci = multiclass_metrics(y, probs, n_resamples=max(n_resamples, 1), seed=0)
             doc = {m: {k: ci[m][k] for k in ("value", "low", "high")} if n_resamples else {"value": ci[m]["value"]}
                    for m in MULTICLASS_METRICS}
-            doc["confusion_matrix"] = multiclass_metrics(y, probs)["confusion_matrix"]
+            doc["confusion_matrix"] = ci["confusion_matrix"]
         out[f"seed-{seed}"] = {"n_patients": int(y.size), **doc}
     return out
 
@@ -144,6 +145,10 @@ def write_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[M
         from histomil.evaluation.survival_cv import write_survival_results
 
         return write_survival_results(cfg, out, source, records, holdout, log)
+    if getattr(cfg, "task", "classification") == "regression":
+        from histomil.evaluation.regression_cv import write_regression_results
+
+        return write_regression_results(cfg, out, source, records, holdout, log)
     cohort = source.cohort
     binary = len(cohort.classes) == 2
     _oof_csv(out / "oof_predictions.csv", records, source)

@@ -3,8 +3,8 @@
 Binary classification keeps :func:`histomil.evaluation.metrics.binary_metrics` (threshold, recall,
 specificity); this module adds what more than two classes and continuous targets need:
 
-* :func:`multiclass_metrics`: accuracy, balanced accuracy, macro one-vs-rest ROC-AUC and PR-AUC, the
-  same per class, the confusion matrix (counts and row-normalised) and per-class calibration (the
+* :func:`multiclass_metrics`: accuracy, balanced accuracy, macro one-vs-rest ROC-AUC and PR-AUC, macro
+  F1, the AUCs per class, the confusion matrix (counts and row-normalised) and per-class calibration (the
   one-vs-rest expected calibration error of :mod:`histomil.evaluation.calibration`); argmax decides.
 * :func:`regression_metrics`: MAE, RMSE, R², Pearson and Spearman.
 
@@ -28,6 +28,8 @@ from histomil.evaluation.calibration import expected_calibration_error
 from histomil.training.tasks import regression_scores
 
 NAN = float("nan")
+#: the scalar metrics of :func:`multiclass_metrics` (each a bootstrap interval there)
+MULTICLASS_METRICS = ("accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc", "f1_macro")
 
 
 def bootstrap_over_bags(
@@ -109,13 +111,22 @@ def _macro(values: list[float]) -> float:
     return float(np.mean(ok)) if ok else NAN
 
 
+def _f1_macro(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Mean F1 over all ``n_classes`` (0 for a class never true nor predicted): scikit-learn's
+    ``f1_score(average="macro", labels=range(n_classes), zero_division=0)``."""
+    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)  # 2 tp + fp + fn
+    return float(np.mean(np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)))
+
+
 def _summary(y: np.ndarray, p: np.ndarray, n_classes: int) -> dict[str, float]:
     pred = p.argmax(axis=1)
     rocs, prs = _per_class_auc(y, p)
     present = np.unique(y)
     recalls = [float(np.mean(pred[y == c] == c)) for c in present]
     out = {"accuracy": float(np.mean(pred == y)), "balanced_accuracy": float(np.mean(recalls)),
-           "macro_roc_auc": _macro(rocs), "macro_pr_auc": _macro(prs)}
+           "macro_roc_auc": _macro(rocs), "macro_pr_auc": _macro(prs), "f1_macro": _f1_macro(y, pred, n_classes)}
     for c in range(n_classes):
         out[f"roc_auc_{c}"], out[f"pr_auc_{c}"] = rocs[c], prs[c]
     return out
@@ -152,7 +163,7 @@ def multiclass_metrics(
         "n": int(yy.size),
         "n_classes": k,
         "class_names": names,
-        **{m: ci[m] for m in ("accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc")},
+        **{m: ci[m] for m in MULTICLASS_METRICS},
         "per_class": per_class,
         "confusion_matrix": cm.astype(int).tolist(),
         "confusion_matrix_normalised": cm_norm.tolist(),
