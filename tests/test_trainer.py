@@ -282,11 +282,12 @@ def test_three_classes_class_weights_and_encoder_info(tmp_path):
     assert plain.n_classes == 3 and 0.0 <= plain.history[0]["val_auc"] <= 1.0  # one-vs-rest AUC
     assert weighted.history[0]["train_loss"] != plain.history[0]["train_loss"]
     _, meta = load_checkpoint(plain.model_path)
-    assert meta["encoder_info"] == {"name": "enc-a", "input_size": 224, "mean": attrs["mean"], "std": attrs["std"]}
+    assert meta["encoder_info"] == {"name": "enc-a", "encoder_canonical": "enc_a", "input_size": 224, "mean": attrs["mean"],
+                                    "std": attrs["std"]}
     given = train(bags, val, cfg(epochs=1, model="abmil"), tmp_path / "given", encoder_info=dict(attrs))
     assert load_checkpoint(given.model_path)[1]["encoder_info"]["name"] == "enc-a"  # file attrs accepted as info
     val[0].attrs["encoder"] = "enc-b"
-    with pytest.raises(HistomilError, match="different encoders"):
+    with pytest.raises(HistomilError, match="features of encoder 'enc-b'.*train on features of one encoder"):
         train(bags, val, cfg(epochs=1), tmp_path / "mixed")
 
 

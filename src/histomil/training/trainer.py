@@ -34,6 +34,7 @@ from histomil.config import one_of
 from histomil.errors import HistomilError
 from histomil.features.lazy import LazyFeatureBag, features_digest
 from histomil.features.store import FeatureBag
+from histomil.features.validate import training_encoder_info
 from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training import distributed
@@ -127,7 +128,7 @@ def train(
     exists (and starts afresh when it does not); a finished run is returned as is.
     """
     in_dim = _check_bags(train_bags, val_bags)
-    encoder_info = _normalise_encoder_info(encoder_info) if encoder_info is not None else _encoder_info_from(train_bags, val_bags)
+    encoder_info = _normalise_encoder_info(encoder_info) if encoder_info is not None else training_encoder_info([*train_bags, *val_bags])
     task = build_task(config)
     y_train, y_val = task.targets(train_bags, "training"), task.targets(val_bags, "validation")
     task.fit(y_train, y_val)
@@ -340,20 +341,6 @@ def _check_bags(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]
         if not isinstance(b, LazyFeatureBag) and not np.isfinite(b.features).all():
             raise HistomilError(f"{split} bag {b.bag_id!r} has NaN or infinite features")
     return int(dim)  # type: ignore[arg-type]
-
-
-def _encoder_info_from(train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag]) -> dict[str, Any] | None:
-    """The encoder description stored in the feature files; mixing encoders is an error."""
-    encoders = {str(b.attrs["encoder"]) for b in [*train_bags, *val_bags] if b.attrs.get("encoder")}
-    if len(encoders) > 1:
-        raise HistomilError(f"bags come from different encoders ({', '.join(sorted(encoders))}); extract features with one")
-    if not encoders:
-        return None
-    attrs = train_bags[0].attrs
-    keys = ("encoder", "input_size", "mean", "std", "feature_dim", "weights", "resize", "interpolation")
-    info = {k: attrs[k] for k in keys if k in attrs}
-    info["name"] = info.pop("encoder", encoders.pop())
-    return info
 
 
 def _normalise_encoder_info(info: dict[str, Any]) -> dict[str, Any]:
