@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
 
 from histomil.config import read_mapping, validate
-from histomil.data.compose import compose_study, read_tile_table
+from histomil.data.compose import compose_study
+from histomil.data.tile_table import read_tile_table
 from histomil.errors import HistomilError
 from histomil.evaluation.compare import compare_models
 from histomil.pipeline import extract_study, load_config

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from histomil.data.compose import compose_study, read_tile_table
+from histomil.data.compose import compose_study
+from histomil.data.tile_table import read_tile_table
 from histomil.features.formats import load_feature_dataset
 from histomil.features.store import FeatureBag
 from histomil.pipeline import FeatureConfig, extract_study, load_config

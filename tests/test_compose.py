@@ -11,20 +11,9 @@ from pathlib import Path
 import pytest
 
 from histomil.data import compose as C
-from histomil.data.compose import (
-    StudySpec,
-    TileTable,
-    assign_patients,
-    compose_study,
-    format_counts,
-    load_spec,
-    parse_witnesses,
-    read_study,
-    read_tile_table,
-    spec_from_mapping,
-    split_names,
-    study_counts,
-)
+from histomil.data.compose import compose_study, format_counts, read_study, split_names, study_counts
+from histomil.data.study_spec import StudySpec, load_spec, parse_witnesses, spec_from_mapping
+from histomil.data.tile_table import TileTable, assign_patients, read_tile_table
 from histomil.errors import HistomilError
 
 # ---------------------------------------------------------------------------------------------

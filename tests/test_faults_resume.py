@@ -340,7 +340,7 @@ def test_exclusive_output_names_the_folder(tmp_path: Path):
 def test_crossval_refuses_a_changed_tile_table_and_reads_older_configs(tmp_path: Path):
     from tiny_runs import write_tiny_crossval_config
 
-    from histomil.data.compose import read_tile_table
+    from histomil.data.tile_table import read_tile_table
     from histomil.evaluation.protocol import load_crossval_config
 
     config = write_tiny_crossval_config(tmp_path / "cv.yaml")
@@ -362,7 +362,7 @@ def test_crossval_refuses_a_changed_tile_table_and_reads_older_configs(tmp_path:
 def test_crossval_refuses_changed_tile_images_under_an_unchanged_table(tmp_path: Path):
     from tiny_runs import write_tiny_crossval_config
 
-    from histomil.data.compose import read_tile_table
+    from histomil.data.tile_table import read_tile_table
     from histomil.evaluation.protocol import load_crossval_config
 
     config = write_tiny_crossval_config(tmp_path / "cv.yaml")
@@ -380,7 +380,7 @@ def test_crossval_refuses_changed_tile_images_under_an_unchanged_table(tmp_path:
 
 
 def test_tile_content_digest_follows_the_tile_bytes(tmp_path: Path):
-    from histomil.data.compose import read_tile_table
+    from histomil.data.tile_table import read_tile_table
 
     tiles = [tmp_path / f"t{i}.jpg" for i in range(3)]
     for i, t in enumerate(tiles):

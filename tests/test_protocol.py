@@ -15,7 +15,7 @@ from tiny_runs import write_tiny_crossval_config
 from typer.testing import CliRunner
 
 from histomil.commands.crossval import crossval_cmd
-from histomil.data.compose import read_tile_table
+from histomil.data.tile_table import read_tile_table
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS
 from histomil.evaluation.protocol import (

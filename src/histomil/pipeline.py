@@ -19,14 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from histomil import config
 from histomil.config import changed_since_record
 from histomil.data.bags import load_bag_folders
-from histomil.data.compose import (
-    StudySpec,
-    TileTable,
-    compose_study,
-    read_study,
-    read_tile_table,
-    remove_compose_leftovers,
-)
+from histomil.data.compose import compose_study, read_study, remove_compose_leftovers
+from histomil.data.study_spec import StudySpec
+from histomil.data.tile_table import TileTable, read_tile_table
 from histomil.devices import check_device_name, resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold

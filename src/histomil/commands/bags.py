@@ -14,7 +14,7 @@ from histomil.ui import log, progress_bars, show_result, user_errors
 
 def witness_range(text: str) -> tuple[int, int]:
     """A witness option ('W' or 'LO-HI') as a (low, high) range."""
-    from histomil.data.compose import parse_witnesses
+    from histomil.data.study_spec import parse_witnesses
 
     return parse_witnesses(text)
 
@@ -40,12 +40,9 @@ def bags_make(
     overwrite: bool = typer.Option(False, help="Replace an existing study folder."),
 ) -> None:
     """Compose a whole MIL study (train / val / test sets at several witness counts) from a tile table."""
-    from histomil.data.compose import (
-        StudySpec,
-        compose_study,
-        format_counts,
-        read_tile_table,
-    )
+    from histomil.data.compose import compose_study, format_counts
+    from histomil.data.study_spec import StudySpec
+    from histomil.data.tile_table import read_tile_table
 
     try:
         witness_ranges = dict(train_witnesses=witness_range(train_witnesses), val_witnesses=witness_range(val_witnesses))

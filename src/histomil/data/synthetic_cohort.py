@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from histomil.data.compose import TileTable, read_tile_table
+from histomil.data.tile_table import TileTable, read_tile_table
 from histomil.data.images import read_rgb
 from histomil.errors import HistomilError
 from histomil.reports.tables import write_json, write_text

@@ -38,7 +38,9 @@ import numpy as np
 import pydantic
 from pydantic import Field
 
-from histomil.data.compose import StudySpec, compose_study, read_study, read_tile_table
+from histomil.data.compose import compose_study, read_study
+from histomil.data.study_spec import StudySpec
+from histomil.data.tile_table import read_tile_table
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag, atomic_write
 from histomil.reports.tables import write_json

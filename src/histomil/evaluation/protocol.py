@@ -45,7 +45,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import config
-from histomil.data.compose import StudySpec, TileTable, read_study, read_tile_table
+from histomil.data.compose import read_study
+from histomil.data.study_spec import StudySpec
+from histomil.data.tile_table import TileTable, read_tile_table
 from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.cv_summary import (

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from histomil.data.compose import TileTable, assign_patients
+from histomil.data.tile_table import TileTable, assign_patients
 from histomil.errors import HistomilError
 
 ROLES = ("train", "val", "test")
@@ -157,7 +157,7 @@ def holdout_patients(table: TileTable, fraction: float = 0.0, seed: int = 0) -> 
     """Patients held out from cross-validation: the split column's ``test`` patients, else a fraction.
 
     A split column that puts one patient in two splits is refused (naming the patient). A fraction
-    is drawn with :func:`~histomil.data.compose.assign_patients`, balancing tumour and non-tumour
+    is drawn with :func:`~histomil.data.tile_table.assign_patients`, balancing tumour and non-tumour
     tiles; ``seed`` fixes it (``holdout_seed``, not the run seeds, so every seed of a cross-validation
     shares one held-out set).
     """
@@ -176,7 +176,7 @@ def patient_folds(table: TileTable, k: int = 5, seed: int = 0, val_fraction: flo
     Outer folds: :func:`grouped_stratified_folds` over tiles, grouped by patient and stratified by
     tile label, so every fold gets about 1/k of the tumour tiles AND of the non-tumour tiles (the two
     pools bags are drawn from) while a patient's tiles stay together. Inner split: the other patients
-    are divided by :func:`~histomil.data.compose.assign_patients` into training and validation
+    are divided by :func:`~histomil.data.tile_table.assign_patients` into training and validation
     patients (``val_fraction`` of their tiles of each class, patient by patient).
     """
     source = str(table.source)

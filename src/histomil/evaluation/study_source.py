@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from histomil.data.compose import StudySpec, TileTable, compose_study, read_study
+from histomil.data.compose import compose_study, read_study
+from histomil.data.study_spec import StudySpec
+from histomil.data.tile_table import TileTable
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import bootstrap_ci
 from histomil.evaluation.calibration import expected_calibration_error
