@@ -4,7 +4,9 @@ unlabelled bags and unreadable checkpoints.
 
 The disk cases run the real CLI in a subprocess inside its own mount namespace (``unshare``), on a
 read-only bind mount or a size-limited tmpfs; the mounts vanish with the subprocess. Where the machine
-does not allow mounts (not root, no CAP_SYS_ADMIN), those cases are skipped with the reason.
+does not allow mounts (not root, no CAP_SYS_ADMIN), those cases are skipped with the reason. The
+permission case runs the CLI on an output folder of mode 0555, as root stripped of the capabilities
+that ignore permission bits when the tests run as root.
 """
 
 from __future__ import annotations
@@ -212,6 +214,43 @@ def test_full_disk(inputs, tmp_path: Path):
     mount = f"mount -t tmpfs -o size=1m tmpfs {root}"
     results = in_namespace(mount, {"root": str(root), "fill": str(root / "filler"), "commands": commands(root, inputs)})
     assert_clear_failures(results, root, "no space left on device")
+
+
+#: root without the capabilities that let it ignore permission bits (setpriv, util-linux): what an
+#: unprivileged user meets, while the interpreter and the inputs stay readable
+WITHOUT_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def unprivileged(command: list[str]) -> list[str]:
+    """``command`` as run by a user whom permission bits stop: as it is when this is not root, else under
+    root stripped of its permission-override capabilities (skips where that cannot be done)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and no 'setpriv' to drop the capability that ignores permission bits")
+    return [*WITHOUT_OVERRIDE, *command]
+
+
+def test_permission_denied_output_folder(inputs, tmp_path: Path):
+    """A folder without write permission (mode 0555): every writing command ends with one line naming the
+    path and 'permission denied', no traceback, nothing half-written."""
+    probe = subprocess.run(unprivileged([sys.executable, "-c", "import histomil"]), capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot run histomil without permission overrides here: {probe.stderr.strip()[-200:]}")
+    root = tmp_path / "denied"
+    (root / "extract").mkdir(parents=True)  # one output folder that exists, the others must be made
+    for p in (root / "extract", root):
+        os.chmod(p, 0o555)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    try:
+        proc = subprocess.run(unprivileged([sys.executable, "-c", DRIVER, json.dumps({"root": str(root),
+                                                                                     "commands": commands(root, inputs)})]),
+                              capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        for p in (root, root / "extract"):
+            os.chmod(p, 0o755)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_clear_failures(json.loads(proc.stdout.strip().splitlines()[-1]), root, "permission denied")
 
 
 # --- the writers' side, in process ----------------------------------------------------------
