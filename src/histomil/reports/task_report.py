@@ -72,7 +72,7 @@ def build_task_report(metrics_json: Path, out: Path, expected_task: str | None =
         raise HistomilError(f"{metrics_json}: unknown task {task!r}")
     results: Mapping[str, Any] = doc.get("results") or {}
     columns = [c for c in HEADLINE[task] if any(c in m for m in results.values())]
-    parts = [f"<h2>Metrics (95% bootstrap intervals over bags)</h2>",
+    parts = ["<h2>Metrics (95% bootstrap intervals over bags)</h2>",
              _table(["test set", "n", *columns], [[html.escape(str(name)), str(m.get("n", "")), *(_cell(m.get(c)) for c in columns)]
                                                   for name, m in results.items()])]
     if task == "classification":
