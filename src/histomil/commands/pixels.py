@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from histomil.config import read_mapping
-from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 
@@ -24,6 +24,7 @@ def train_pixels_cmd(
     model: Optional[str] = typer.Option(None, help="MIL head: gated_abmil, abmil, original_concat (default: gated_abmil / original_concat for --backbone original)."),
     finetune: Optional[str] = typer.Option(None, help="efficientnet: none (frozen), last_blocks (default) or all."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs."),
+    bags_per_step: Optional[int] = typer.Option(None, help="Bags per optimizer step (per torchrun process; gradients accumulated bag by bag). Default 1."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the head (and of the original CNN)."),
     encoder_lr: Optional[float] = typer.Option(None, help="Learning rate of the fine-tuned encoder (default lr/10)."),
     weight_decay: Optional[float] = typer.Option(None, help="Adam weight decay."),
@@ -47,34 +48,52 @@ def train_pixels_cmd(
 
     Resumable: rerunning the same command after an interruption (even kill -9) continues from the
     last finished epoch and ends as an uninterrupted run would have.
+
+    Under ``torchrun --nproc-per-node N -m histomil train-pixels ...`` the N processes train one model
+    with DistributedDataParallel (gloo on CPU, nccl on CUDA), each on 1/N of every step's bags: N
+    processes with --bags-per-step b take the steps of one process with N x b. Rank 0 writes the run folder.
     """
     from histomil.data.bags import check_bags, load_bags
-    from histomil.training.distributed import world
+    from histomil.training.common import resolve_device
+    from histomil.training.distributed import distributed_session
     from histomil.training.pixels import PixelTrainConfig, train_pixels
 
-    if world().distributed:  # not sharded over ranks yet: every rank would train the whole study again
-        raise HistomilError("train-pixels runs as one process; start it without torchrun (train on features spreads over torchrun's processes)")
     raw: dict = read_mapping(config) if config is not None else {}
-    options = dict(backbone=backbone, model=model, finetune=finetune, epochs=epochs, lr=lr, encoder_lr=encoder_lr,
-                   weight_decay=weight_decay, augment_p=augment_p, precision=precision, channels_last=channels_last,
-                   input_size=input_size, max_tiles=max_tiles, monitor=monitor, patience=patience,
+    options = dict(backbone=backbone, model=model, finetune=finetune, epochs=epochs, bags_per_step=bags_per_step,
+                   lr=lr, encoder_lr=encoder_lr, weight_decay=weight_decay, augment_p=augment_p, precision=precision,
+                   channels_last=channels_last, input_size=input_size, max_tiles=max_tiles, monitor=monitor, patience=patience,
                    min_epochs=min_epochs, seed=seed, num_workers=workers, device=device, threads=threads)
     raw.update({k: v for k, v in options.items() if v is not None})
     if tile_chunk is not None:
         raw["tile_chunk"] = tile_chunk or None
     cfg = PixelTrainConfig.parse(raw, str(config) if config is not None else "train-pixels options")
 
-    train_bags = load_bags(train, labels, require_labels=True, on_bad_tile=on_bad_tile, log=log)
-    val_bags = load_bags(val, val_labels, require_labels=True, on_bad_tile=on_bad_tile, log=log)
-    with progress_bars() as progress:
-        if on_bad_tile == "skip":
-            train_bags = check_bags(train_bags, "skip", log, lambda d, t: progress("checking training tiles", d, t))
-            val_bags = check_bags(val_bags, "skip", log, lambda d, t: progress("checking validation tiles", d, t))
-        if resume and (out / "last.pt").is_file():
-            log(f"resuming from {out / 'last.pt'}")
-        result = train_pixels(train_bags, val_bags, cfg, out, on_epoch=lambda row: progress("epochs", int(row["epoch"]), cfg.epochs),
-                              progress=progress, resume=resume)
+    # a GPU asked for and absent is refused here, before the tiles are read
+    with distributed_session(resolve_device(cfg.device)) as world:  # one process unless under torchrun
+        say = log if world.is_main else _quiet  # every rank reads the bags; rank 0 tells about them
+        train_bags = load_bags(train, labels, require_labels=True, on_bad_tile=on_bad_tile, log=say)
+        val_bags = load_bags(val, val_labels, require_labels=True, on_bad_tile=on_bad_tile, log=say)
+        with progress_bars() as bars:
+            progress = bars if world.is_main else None  # one set of bars, rank 0's
+            if on_bad_tile == "skip":
+                train_bags = check_bags(train_bags, "skip", say, _stage(progress, "checking training tiles"))
+                val_bags = check_bags(val_bags, "skip", say, _stage(progress, "checking validation tiles"))
+            if resume and (out / "last.pt").is_file():
+                say(f"resuming from {out / 'last.pt'}")
+            result = train_pixels(train_bags, val_bags, cfg, out, progress=progress, resume=resume,
+                                  on_epoch=lambda row: bars("epochs", int(row["epoch"]), cfg.epochs))
+    if not world.is_main:
+        return
     best = result.best_metrics
     show_result(f"best epoch {result.best_epoch} of {result.epochs_run}: val_loss {best.get('val_loss', float('nan')):.4f}, "
                 f"val_acc {best.get('val_acc', float('nan')):.3f}, val_auc {best.get('val_auc', float('nan')):.3f}; "
                 f"model saved to {result.model_path}")
+
+
+def _stage(progress: Callable[[str, int, int], None] | None, name: str) -> Callable[[int, int], None] | None:
+    """``progress`` for one named stage (None without progress bars)."""
+    return None if progress is None else (lambda done, total: progress(name, done, total))
+
+
+def _quiet(message: str) -> None:
+    """A log that drops its lines (the other ranks')."""

@@ -61,7 +61,8 @@ STATE_FORMAT = "histomil-train-state"
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "threads"})
 # How a changed part of a run's data identity is named in the restart notice.
 _IDENTITY_WORDS = {"fingerprint": "bags, labels or feature values", "in_dim": "feature dimension",
-                   "n_classes": "number of classes", "monitor": "monitored metric"}
+                   "n_classes": "number of classes", "monitor": "monitored metric",
+                   "ranks": "number of torchrun processes"}
 
 
 @dataclass
@@ -341,7 +342,9 @@ def restore_state(
         raise HistomilError(f"{path}: not a histomil training state (last.pt)")
     saved = data["config"]
     now = config.model_dump(mode="json")
-    changed = sorted(k for k in now if k not in resumable_changes and saved.get(k) != now[k])
+    # an option the run's histomil did not have yet: the run used its default
+    defaults = {k: f.default for k, f in type(config).model_fields.items() if not f.is_required()}
+    changed = sorted(k for k in now if k not in resumable_changes and saved.get(k, defaults.get(k)) != now[k])
     if changed:
         raise HistomilError(f"{path}: cannot resume, training options changed since the run started: {', '.join(changed)}")
     changed = [_IDENTITY_WORDS.get(k, k) for k, v in identity.items() if data.get(k) != v]

@@ -1,4 +1,4 @@
-"""End-to-end MIL from pixels: a tile encoder and a MIL head trained together, one bag per step.
+"""End-to-end MIL from pixels: a tile encoder and a MIL head trained together, bag by bag.
 
 Unlike :mod:`.trainer` (a MIL head on cached, frozen features), the tiles are decoded and
 augmented every epoch and gradients can flow into the encoder, so it adapts to histology:
@@ -8,22 +8,24 @@ augmented every epoch and gradients can flow into the encoder, so it adapts to h
   freshly augmented tiles), ``"last_blocks"`` (the last two stages, blocks 11-15, and the 1x1 head
   convolution) or ``"all"``. The encoder always runs with frozen BatchNorm statistics and without
   stochastic depth (eval mode): the tiles of one bag come from one case, so their batch statistics
-  are poor estimates, and frozen statistics make chunked encoding (below) exact.
+  are poor estimates, and frozen statistics make chunked encoding exact.
 * ``backbone="original"``: the original project's tile CNN trained from scratch (pixels 0..255 at
   the native tile size), by default with its order-dependent concatenation head
   (``model="original_concat"``, see :mod:`histomil.models.original`), or with any registry head.
 
-Memory: backpropagating through 40 tiles stores every intermediate activation of 40 forward
-passes. With ``tile_chunk=K`` the encoder runs on chunks of K tiles under
-:func:`torch.utils.checkpoint.checkpoint`: only the (T, D) tile embeddings are kept, and each
-chunk's activations are recomputed during the backward pass, so peak memory is that of K tiles
-(plus the embeddings) at the price of one extra encoder forward pass. Results equal unchunked
-encoding up to float rounding. Without gradients (frozen encoder, validation) tiles are simply
-encoded K at a time.
+The model (and its memory-bounded, checkpointed ``tile_chunk`` encoding) is
+:mod:`.pixel_model`'s; tiles are read with :func:`~histomil.data.images.read_rgb`, augmented
+(training only) and resized in DataLoader worker processes (:mod:`.pixel_data`). Randomness
+(initialisation, dropout, bag order, tile sub-sampling, augmentation) derives from ``config.seed``
+only, so a run is reproducible for a seed.
 
-Tiles are read with :func:`~histomil.data.images.read_rgb`, augmented (training only) and resized
-in DataLoader worker processes. Randomness (initialisation, dropout, bag order, tile sub-sampling,
-augmentation) derives from ``config.seed`` only, so a run is reproducible for a seed.
+Several processes: under ``torchrun`` the model trains in DistributedDataParallel (gloo on CPU,
+nccl on CUDA, one GPU per rank). Every rank draws the same bag order, tile sub-samples and
+augmentation seeds and trains on its share of them (:func:`train_epoch`); validation is split over
+the ranks and gathered. R ranks with ``bags_per_step`` b take the optimizer steps one process takes
+with ``bags_per_step`` R x b (up to float rounding; dropout masks are drawn per rank). Each rank
+runs its own ``num_workers`` tile-decoding workers. Rank 0 alone writes the run folder; a run
+resumes only under the number of processes it started with.
 
 The epoch loop is :func:`histomil.training.loop.run_training`, shared with :mod:`.trainer`. Files
 written to ``out_dir``: ``history.csv`` (one row per epoch, as :mod:`.trainer`), ``model.pt``, the
@@ -36,6 +38,7 @@ instance after the process was killed).
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +47,9 @@ from typing import Any, Literal
 import numpy as np
 import pydantic
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, Dataset
 
-from histomil.data.augment import augment_tile
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
 from histomil.config import one_of
@@ -59,11 +58,11 @@ from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
 from histomil.features.extract import tile_digests
 from histomil.hardware import resolve_precision
-from histomil.models.base import MILOutput
 from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
-from histomil.training.checkpoint_file import save_checkpoint
+from histomil.training import distributed
+from histomil.training.checkpoint_file import read_checkpoint_dict, save_checkpoint
 from histomil.training.common import (
     auc,
     bag_loss,
@@ -74,9 +73,17 @@ from histomil.training.common import (
     monitored_metric,
     parse_config,
     resolve_device,
-    takes_labels,
 )
 from histomil.training.loop import RESUMABLE_CHANGES, RunResult, Trainable, best_extra, run_training
+from histomil.training.pixel_data import TilePrep, TileTask, iter_bags
+from histomil.training.pixel_model import EfficientNetEncoder, PixelMIL
+
+# Re-exported: defined here before the model and the tile reading moved to their own modules.
+__all__ = [
+    "EfficientNetEncoder", "PixelMIL", "PixelTrainConfig", "PixelTrainResult", "TilePrep", "build_pixel_model",
+    "model_from_checkpoint", "pixel_optimizer", "predict_pixels", "predict_pixels_on_ranks", "train_epoch",
+    "train_pixels",
+]
 
 BACKBONES = ("efficientnet_lite0", "original")
 ORIGINAL_HEAD = "original_concat"  # the original's concatenation head (not in the feature-model registry)
@@ -99,6 +106,9 @@ class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
     finetune: Literal["none", "last_blocks", "all"] | None = None  # last_blocks (efficientnet) / all (original)
     input_size: int | None = Field(None, ge=8)  # tiles are resized to this; 224 / native tile size
     epochs: int = Field(100, ge=1)
+    # Bags per optimizer step (per torchrun rank): the gradient of their mean loss, accumulated one bag at
+    # a time (memory of one bag). Like train's batch_size; R ranks x b bags = one process with R x b.
+    bags_per_step: int = Field(1, ge=1)
     lr: float = Field(5e-4, ge=0)  # head (and original CNN) learning rate
     encoder_lr: float | None = Field(None, ge=0)  # lr / 10 for a pretrained encoder, lr for the original
     weight_decay: float = Field(1e-4, ge=0)
@@ -153,127 +163,7 @@ class PixelTrainResult(RunResult):
     config: PixelTrainConfig  # resolved (defaults filled in)
 
 
-# --- preprocessing -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TilePrep:
-    """uint8 RGB (H, W, 3) tiles -> float (T, 3, size, size), resized (bilinear, antialiased).
-
-    ``raw=True`` keeps pixels in 0..255 (the original model); otherwise ``(x / 255 - mean) / std``
-    in the same order of operations as :meth:`TileEncoder.preprocess`.
-    """
-
-    size: int
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    raw: bool = False
-
-    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
-        out = torch.empty((len(tiles), 3, self.size, self.size), dtype=torch.float32)
-        for i, tile in enumerate(tiles):
-            tile = np.asarray(tile)
-            if not tile.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
-                tile = tile.copy()
-            x = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1).float().unsqueeze(0)
-            if not self.raw:
-                x = x / 255.0
-            if x.shape[-2:] != (self.size, self.size):
-                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            out[i] = x[0]
-        if not self.raw:
-            out = (out - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
-        return out
-
-    def info(self, name: str, dim: int) -> dict[str, Any]:
-        """Encoder info for checkpoints (kind ``pixels``: the model takes tiles, not features)."""
-        return {"name": name, "input_size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "dim": dim, "raw_pixels": self.raw, "kind": "pixels"}
-
-
 # --- model -------------------------------------------------------------------------------
-
-
-class EfficientNetEncoder(nn.Module):
-    """EfficientNet-Lite0 features (T, 3, S, S) -> (T, 1280), always in eval mode.
-
-    Eval mode freezes the BatchNorm statistics (their affine weights still train) and turns off
-    stochastic depth, so a tile's embedding does not depend on which tiles share its chunk.
-    """
-
-    def __init__(self, backbone: EfficientNetLite0) -> None:
-        super().__init__()
-        backbone._fc = nn.Identity()  # the ImageNet classifier is not used
-        backbone._dropout = nn.Identity()
-        self.backbone = backbone
-        self.out_dim = backbone.num_features
-        super().train(False)
-
-    def train(self, mode: bool = True) -> EfficientNetEncoder:  # always eval, see above
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
-
-
-class PixelMIL(nn.Module):
-    """A tile encoder and a MIL head: ``forward(x (B, N, 3, S, S), mask (B, N) | None) -> MILOutput``.
-
-    ``encoder`` maps (T, 3, S, S) to (T, D); ``head`` is any MIL model taking (B, N, D).
-    ``tile_chunk``: see the module docstring. ``precision="bf16"`` autocasts the encoder to
-    bfloat16 (embeddings are cast back to float32 before the head). ``prep`` is the tile
-    preprocessing the model expects (used by :func:`predict_pixels`).
-    """
-
-    def __init__(self, encoder: nn.Module, head: nn.Module, tile_chunk: int | None = None, precision: str = "fp32",
-                 channels_last: bool = False, prep: TilePrep | None = None) -> None:
-        super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise HistomilError(f"unknown precision {precision!r}; choose fp32 or bf16")
-        if tile_chunk is not None and tile_chunk < 1:
-            raise HistomilError(f"tile_chunk must be at least 1, got {tile_chunk}")
-        self.encoder = encoder
-        self.head = head
-        self.tile_chunk = tile_chunk
-        self.precision = precision
-        self.channels_last = bool(channels_last)
-        self.prep = prep
-        self.in_dim = int(getattr(head, "in_dim", getattr(encoder, "out_dim", 0)))
-        self.n_classes = int(getattr(head, "n_classes", 2))
-        if self.channels_last:
-            self.encoder.to(memory_format=torch.channels_last)
-
-    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(T, 3, S, S) -> (T, D) float32 embeddings, chunked (and checkpointed when training)."""
-        if self.channels_last:
-            tiles = tiles.contiguous(memory_format=torch.channels_last)
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
-        chunk = self.tile_chunk or tiles.shape[0]
-        with torch.autocast(device_type=tiles.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            if not needs_grad:
-                with torch.no_grad():
-                    parts = [self.encoder(c) for c in tiles.split(chunk)]
-            elif tiles.shape[0] <= chunk:
-                parts = [self.encoder(tiles)]
-            else:
-                parts = [checkpoint(self.encoder, c, use_reentrant=False) for c in tiles.split(chunk)]
-        return torch.cat(parts).float()
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, y: torch.Tensor | None = None) -> MILOutput:
-        """Encode the tiles and run the head; bag labels ``y`` reach heads that use them (CLAM)."""
-        if x.dim() != 5:
-            raise HistomilError(
-                f"end-to-end pixel model: expected tiles of shape (B, N, 3, H, W), got {tuple(x.shape)} "
-                "(it takes tile images, not cached features)"
-            )
-        b, n = x.shape[:2]
-        check = getattr(self.head, "check_bag_size", None)
-        if check is not None:
-            check(n)
-        h = self.encode(x.flatten(0, 1)).view(b, n, -1)
-        if y is not None and takes_labels(self.head):
-            return self.head(h, mask, y=y)
-        return self.head(h, mask)
 
 
 def build_pixel_model(config: PixelTrainConfig, n_classes: int, input_size: int, pretrained: bool | None = None) -> PixelMIL:
@@ -325,57 +215,6 @@ def model_from_checkpoint(data: dict[str, Any]) -> PixelMIL:
     return build_pixel_model(config, int(data["n_classes"]), input_size, pretrained=False)
 
 
-# --- data --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Task:
-    index: int  # position in the caller's bag list
-    paths: tuple[Path, ...]
-    seed: int  # augmentation seed for this bag and epoch
-
-
-class _TileBags(Dataset):
-    """Reads, augments and preprocesses one bag per item (in a worker process).
-
-    Returns ``(index, tiles, None)`` or ``(index, None, error message)``: exceptions are passed
-    as text because DataLoader cannot re-raise exceptions whose constructor takes two arguments.
-    """
-
-    def __init__(self, tasks: list[_Task], prep: TilePrep, augment_p: float) -> None:
-        self.tasks, self.prep, self.augment_p = tasks, prep, augment_p
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        task = self.tasks[i]
-        try:
-            tiles = [read_rgb(p) for p in task.paths]
-            if self.augment_p > 0:
-                rng = np.random.default_rng(task.seed)
-                tiles = [augment_tile(t, rng, self.augment_p) for t in tiles]
-            return task.index, self.prep(tiles), None
-        except HistomilError as exc:
-            return task.index, None, str(exc)
-
-
-def _identity(item: Any) -> Any:
-    return item
-
-
-def _iter_bags(tasks: list[_Task], prep: TilePrep, augment_p: float, num_workers: int, seed: int):
-    """Yield ``(index, tiles (N, 3, S, S))`` in task order; a bad tile -> HistomilError."""
-    loader = DataLoader(
-        _TileBags(tasks, prep, augment_p), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, generator=torch.Generator().manual_seed(seed),
-    )
-    for index, tiles, error in loader:
-        if error is not None:
-            raise HistomilError(error)
-        yield index, tiles
-
-
 # --- training ----------------------------------------------------------------------------
 
 
@@ -400,31 +239,35 @@ def train_pixels(
 ) -> PixelTrainResult:
     """Train encoder + head end to end on tile bags; early-stop and select on ``val_bags``.
 
-    One bag per optimizer step (Adam; the encoder's trainable weights use ``encoder_lr``).
-    ``on_epoch`` gets each history row plus ``best_epoch`` and ``improved``; ``progress(stage,
-    done, total)`` reports bags within an epoch. ``resume=True`` continues from ``out_dir/last.pt``
-    when it exists (the same bags and options; ``epochs``, ``device``, ``threads`` and
-    ``num_workers`` may change), exactly as an uninterrupted run would have; a finished run is
-    returned as is.
+    ``config.bags_per_step`` bags per optimizer step (Adam; the encoder's trainable weights use
+    ``encoder_lr``). ``on_epoch`` gets each history row plus ``best_epoch`` and ``improved``;
+    ``progress(stage, done, total)`` reports bags within an epoch. ``resume=True`` continues from
+    ``out_dir/last.pt`` when it exists (the same bags and options; ``epochs``, ``device``, ``threads``
+    and ``num_workers`` may change), exactly as an uninterrupted run would have; a finished run is
+    returned as is. Under torchrun the ranks train one model together (module docstring).
     """
     config = config.resolved()
     n_classes = _check_bags(train_bags, val_bags, config)
     y_train, y_val = labels(train_bags), labels(val_bags)
     monitor = monitored_metric(config.monitor, y_val)
-    device = resolve_device(config.device)
+    device = distributed.rank_device(resolve_device(config.device))  # cuda -> cuda:LOCAL_RANK under torchrun
     input_size = config.input_size or _native_size(train_bags[0])
     # the precision actually used is what the run records (history, checkpoints, last.pt)
     config = config.model_copy(update={"input_size": input_size, "precision": resolve_precision(config.precision, device)})
+    ranks = distributed.world().world_size if distributed.active() else 1
+    if resume:
+        _check_resumed_ranks(Path(out_dir) / "last.pt", ranks)
 
     def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_pixel_model(config, n_classes, input_size).to(device)
         optimizer = pixel_optimizer(model, config)
         rng = np.random.default_rng(config.seed)
         y_train_t = torch.from_numpy(y_train).to(device)
+        train_model = distributed.wrap_model(model, device)  # DistributedDataParallel under torchrun
 
         def validate() -> tuple[float, float, float]:
-            outputs = predict_pixels(model, val_bags, num_workers=config.num_workers,
-                                     progress=_stage(progress, "validating (bags)"))
+            outputs = predict_pixels_on_ranks(model, val_bags, num_workers=config.num_workers,
+                                              progress=_stage(progress, "validating (bags)"))
             return _val_metrics(outputs, y_val, n_classes)
 
         def save_best(path: Path, row: dict[str, Any]) -> None:
@@ -437,48 +280,73 @@ def train_pixels(
 
         return Trainable(
             model, optimizer, rng,
-            train_epoch=lambda: train_epoch(model, optimizer, train_bags, y_train_t, config, rng, device, progress),
+            train_epoch=lambda: train_epoch(train_model, optimizer, train_bags, y_train_t, config, rng, device, progress),
             validate=validate,
             save_best=save_best,
         )
 
     run = run_training(build, config, out_dir, device=device, monitor=monitor, n_classes=n_classes,
-                       fingerprint=_fingerprint(train_bags, val_bags), resumable_changes=PIXEL_RESUMABLE_CHANGES,
-                       resume=resume, on_epoch=on_epoch)
+                       fingerprint=_fingerprint(train_bags, val_bags), checks={"ranks": ranks} if ranks > 1 else None,
+                       resumable_changes=PIXEL_RESUMABLE_CHANGES, resume=resume, on_epoch=on_epoch)
     return PixelTrainResult(**vars(run), config=config)
 
 
-def train_epoch(model: PixelMIL, optimizer: torch.optim.Optimizer, bags: Sequence[Bag], y: torch.Tensor,
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, bags: Sequence[Bag], y: torch.Tensor,
                 config: PixelTrainConfig, rng: np.random.Generator, device: torch.device,
                 progress: Progress | None = None) -> tuple[float, float]:
-    """One pass over the training bags, one bag per optimizer step -> ``(mean train loss, train accuracy)``.
+    """One pass over the training bags -> ``(mean train loss, train accuracy)`` over every bag trained on.
 
     The bag order, tile sub-sampling (``config.max_tiles``), each bag's augmentation seed and the
     DataLoader's seed are drawn from ``rng``, so restoring ``rng`` (and torch's RNG, for dropout)
-    repeats an epoch exactly. ``progress("training (bags)", done, total)`` after each bag.
+    repeats an epoch exactly. Each optimizer step takes ``config.bags_per_step`` bags in that order
+    (fewer at the end of the epoch): every bag's loss divided by the step's bag count is
+    backpropagated on its own (one bag's activations in memory), so the step follows the gradient
+    of the bags' mean loss.
+
+    Under torchrun (``model`` in DistributedDataParallel) every rank draws the same tasks from its
+    ``rng`` and trains on positions r, r + R, ... of them (:func:`distributed.shard_indices`, padded
+    so every rank takes as many steps), synchronising gradients on a step's last bag only. DDP
+    averages the ranks' gradients, so R ranks x b bags per step = one process with R x b (exactly
+    so when R divides the bag count; otherwise the first bags of the order are trained twice).
+    Loss and accuracy are summed over the ranks. ``progress("training (bags)", done, total)`` after
+    each of this rank's bags.
     """
     model.train()
+    pixel_model = distributed.unwrap_model(model)
     tasks = []
     for i in rng.permutation(len(bags)):
         tiles = bags[i].tile_paths
         if config.max_tiles is not None and len(tiles) > config.max_tiles:
             keep = np.sort(rng.choice(len(tiles), config.max_tiles, replace=False))
             tiles = tuple(tiles[k] for k in keep)
-        tasks.append(_Task(int(i), tuple(tiles), int(rng.integers(2**63 - 1))))
-    total_loss, correct = 0.0, 0
+        tasks.append(TileTask(int(i), tuple(tiles), int(rng.integers(2**63 - 1))))
     loader_seed = int(rng.integers(2**63 - 1))
-    for step, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, config.augment_p, config.num_workers, loader_seed), 1):
+    if distributed.active():
+        here = distributed.world()
+        tasks = [tasks[k] for k in distributed.shard_indices(len(tasks), here.rank, here.world_size)]
+    per_step = config.bags_per_step
+    no_sync = getattr(model, "no_sync", None)  # DDP: no gradient all-reduce before a step's last bag
+    totals = torch.zeros(3, dtype=torch.float64)  # summed loss, correct bags, bags
+    bags_iter = iter_bags(tasks, pixel_model.prep, config.augment_p, config.num_workers, loader_seed)
+    for done, (i, tiles) in enumerate(bags_iter, 1):
+        first = (done - 1) % per_step == 0
+        in_step = min(per_step, len(tasks) - (done - 1) // per_step * per_step)  # bags of this step
+        last = done % per_step == 0 or done == len(tasks)
+        if first:
+            optimizer.zero_grad(set_to_none=True)
         target = y[i : i + 1]
-        out = model(to_device(tiles.unsqueeze(0), device), y=target)
-        loss = bag_loss(out, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += float(loss.detach())
-        correct += int(out.logits.detach().argmax(dim=-1).item() == int(target.item()))
+        with no_sync() if (no_sync is not None and not last) else nullcontext():
+            out = model(to_device(tiles.unsqueeze(0), device), y=target)
+            loss = bag_loss(out, target)
+            (loss / in_step if in_step > 1 else loss).backward()
+        if last:
+            optimizer.step()
+        correct = out.logits.detach().argmax(dim=-1).item() == int(target.item())
+        totals += torch.tensor([float(loss.detach()), float(correct), 1.0], dtype=torch.float64)
         if progress is not None:
-            progress("training (bags)", step, len(tasks))
-    return total_loss / len(bags), correct / len(bags)
+            progress("training (bags)", done, len(tasks))
+    totals = distributed.all_reduce_sum(totals.to(device)).cpu() if distributed.active() else totals
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
 @torch.no_grad()
@@ -500,9 +368,9 @@ def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
     was_training = model.training
     model.eval()
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(bags)
-    tasks = [_Task(i, tuple(b.tile_paths), 0) for i, b in enumerate(bags)]
+    tasks = [TileTask(i, tuple(b.tile_paths), 0) for i, b in enumerate(bags)]
     try:
-        for done, (i, tiles) in enumerate(_iter_bags(tasks, model.prep, 0.0, num_workers, 0), 1):
+        for done, (i, tiles) in enumerate(iter_bags(tasks, model.prep, 0.0, num_workers, 0), 1):
             out = model(to_device(tiles.unsqueeze(0), device))
             probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
             att = (out.attention[0].float().cpu().numpy() if out.attention is not None
@@ -512,6 +380,22 @@ def predict_pixels(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
                 progress("predicting", done, len(tasks))
     finally:
         model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def predict_pixels_on_ranks(model: PixelMIL, bags: Sequence[Bag], num_workers: int = 1,
+                            progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`predict_pixels` of every bag on every rank, each rank predicting 1/R of them (validation
+    costs as much as training here: every tile is encoded); one process predicts them all."""
+    if not distributed.active():
+        return predict_pixels(model, bags, num_workers, progress)
+    here = distributed.world()
+    mine = distributed.shard_indices(len(bags), here.rank, here.world_size, pad=False)
+    outputs = predict_pixels(model, [bags[k] for k in mine], num_workers, progress)
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(bags)
+    for indices, part in distributed.all_gather((mine, outputs)):
+        for k, out in zip(indices, part):
+            results[int(k)] = out
     return results  # type: ignore[return-value]
 
 
@@ -558,6 +442,23 @@ def _fingerprint(train_bags: Sequence[Bag], val_bags: Sequence[Bag]) -> str:
             tiles = "|".join(f"{Path(p).name}:{digests[str(p)]}" for p in b.tile_paths)
             h.update(f"{split}|{b.bag_id}|{b.label}|{len(b.tile_paths)}|{tiles}\n".encode())
     return h.hexdigest()
+
+
+def _check_resumed_ranks(last: Path, ranks: int) -> None:
+    """A run resumes under the number of processes it started with: each step takes bags_per_step bags
+    per rank, so another count would change the steps (and the results) from then on."""
+    if not last.is_file():
+        return
+    try:
+        before = int(read_checkpoint_dict(last, what="training state to resume from").get("ranks", 1))
+    except HistomilError:
+        return  # an unreadable or foreign last.pt is reported by the resume itself
+    if before != ranks:
+        raise HistomilError(
+            f"{last}: cannot resume, the run was trained by {before} process(es) and this is {ranks} "
+            f"(a step takes bags_per_step bags on every process); resume it with {before} (torchrun "
+            f"--nproc-per-node {before}), or start afresh (--no-resume)"
+        )
 
 
 def _native_size(bag: Bag) -> int:
