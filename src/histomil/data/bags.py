@@ -14,7 +14,6 @@ Every mistake in the input is a one-line :class:`HistomilError` naming the file 
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from histomil.data.csv_rows import read_csv_rows
 from histomil.data.images import IMAGE_EXTENSIONS, read_rgb
 from histomil.errors import BadTileError, HistomilError
 
@@ -62,29 +62,8 @@ def _read_csv(path: str | Path, required: Sequence[str], what: str,
     ``alternatives`` maps a required column to other accepted names (e.g. case -> bag_id).
     """
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise HistomilError(f"{path}: {what} is empty (no header line)")
-            columns = [c.strip().lower() for c in header]
-            rows = []
-            for record in reader:
-                if not any(cell.strip() for cell in record):
-                    continue
-                row = {name: (record[i].strip() if i < len(record) else "") for i, name in enumerate(columns)}
-                rows.append((reader.line_num, row))
-    except FileNotFoundError:
-        raise HistomilError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise HistomilError(f"{path}: {what} is a folder, not a CSV file") from None
-    except UnicodeDecodeError:
-        raise HistomilError(f"{path}: {what} is not a UTF-8 text CSV file") from None
-    except csv.Error as e:
-        raise HistomilError(f"{path}: {what} is not a valid CSV ({e})") from None
-    except OSError as e:
-        raise HistomilError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    names, rows = read_csv_rows(path, what)
+    columns = [n.lower() for n in names]
     alternatives = alternatives or {}
     for name in required:
         if name not in columns and not any(alt in columns for alt in alternatives.get(name, ())):

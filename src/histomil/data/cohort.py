@@ -24,7 +24,6 @@ checked with :mod:`histomil.features.validate` (finite values, one dimension, on
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from histomil.data.bags import natural_key
+from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
 
@@ -126,32 +126,8 @@ def _few(items: Sequence[Any], limit: int = 5) -> str:
 
 def _read_rows(path: Path, what: str) -> tuple[dict[str, str], list[tuple[int, dict[str, str]]]]:
     """(lower-cased column name -> name as written, [(line, row keyed by lower-cased name)]) of a CSV."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                raise HistomilError(f"{path}: {what} is empty (no header line)")
-            names = [c.strip() for c in header]
-            lowered = [n.lower() for n in names]
-            dup = next((n for i, n in enumerate(lowered) if n and n in lowered[:i]), None)
-            if dup is not None:
-                raise HistomilError(f"{path}: {what} has the column {dup!r} twice")
-            rows = []
-            for record in reader:
-                if not any(cell.strip() for cell in record):
-                    continue
-                rows.append((reader.line_num, {n: (record[i].strip() if i < len(record) else "") for i, n in enumerate(lowered)}))
-    except FileNotFoundError:
-        raise HistomilError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise HistomilError(f"{path}: {what} is a folder, not a CSV file") from None
-    except UnicodeDecodeError:
-        raise HistomilError(f"{path}: {what} is not a UTF-8 text CSV file") from None
-    except csv.Error as exc:
-        raise HistomilError(f"{path}: {what} is not a valid CSV ({exc})") from None
-    except OSError as exc:
-        raise HistomilError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    names, rows = read_csv_rows(path, what)
+    lowered = [n.lower() for n in names]
     if not rows:
         raise HistomilError(f"{path}: {what} has a header but no rows")
     return dict(zip(lowered, names)), rows
@@ -205,12 +181,14 @@ def read_cohort(
     columns: CohortColumns = CohortColumns(),
     classes: Sequence[str] | None = None,
     on_missing: OnMissing = "error",
+    numeric: bool = False,
 ) -> Cohort:
     """Read and check a cohort table (or a slide table plus a per-patient clinical table).
 
     ``table``: one row per slide with the slide and patient columns; with ``clinical_table`` (one row
     per patient) the target, split, fold and group columns come from there, else from ``table``. Rows
     whose target is empty (or NA) are an error, or with ``on_missing="skip"`` are dropped with a warning.
+    ``numeric``: the target is a number, not a class ('0.5' and '0.50' are then not one class spelt twice).
     """
     if on_missing not in ON_MISSING:
         raise HistomilError(f"--on-missing must be one of {', '.join(ON_MISSING)}, not {on_missing!r}")
@@ -272,7 +250,7 @@ def read_cohort(
         for name, key in [("target", target_key), *optional.items()]:
             value = r[key]
             if name in seen and seen[name][0] != value:
-                what = f"label ({tcols[target_key]})" if name == "target" else f"{tcols[key]!r} value"
+                what = f"{'value' if numeric else 'label'} ({tcols[target_key]})" if name == "target" else f"{tcols[key]!r} value"
                 raise HistomilError(
                     f"{tpath}: patient {p!r} has conflicting {what}: {seen[name][0]!r} on line {seen[name][1]},"
                     f" {value!r} on line {line}; a patient has one {what}"
@@ -290,7 +268,8 @@ def read_cohort(
         raise HistomilError(f"{source}: no slide with a label in column {tcols[target_key]!r} is left")
 
     patient_target = {p: v["target"][0] for p, v in per_patient.items() if p in set(slide_patient.values())}
-    _check_spellings(tpath, patient_target, {p: v["target"][1] for p, v in per_patient.items()})
+    if not numeric:
+        _check_spellings(tpath, patient_target, {p: v["target"][1] for p, v in per_patient.items()})
     order = class_order(patient_target.values(), classes, source)
     if len(set(patient_target.values())) < 2:
         only = next(iter(patient_target.values()))

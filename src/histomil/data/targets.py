@@ -12,11 +12,11 @@ A histomil feature file may also store its target (``FeatureBag.target``); the C
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.features.formats import feature_files_any, load_features_folder
 from histomil.features.store import FeatureBag
@@ -28,29 +28,19 @@ TARGET_COLUMNS = {"regression": ("target",), "survival": ("time", "event")}
 def read_targets_csv(path: str | Path, columns: Sequence[str]) -> dict[str, tuple[float, ...]]:
     """``{case: (value, ...)}`` from a CSV with ``case`` and ``columns``; a bad cell is one error line."""
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = [c.strip().lower() for c in reader.fieldnames or []]
-            missing = [c for c in ("case", *columns) if c not in header]
-            if missing:
-                raise HistomilError(f"{path}: targets CSV has no column {', '.join(missing)} (has: {', '.join(header) or 'none'})")
-            reader.fieldnames = header
-            out: dict[str, tuple[float, ...]] = {}
-            for row in reader:
-                line = reader.line_num
-                case = (row.get("case") or "").strip()
-                if not case:
-                    raise HistomilError(f"{path}: line {line}: empty case id")
-                if case in out:
-                    raise HistomilError(f"{path}: line {line}: case {case} appears more than once")
-                out[case] = tuple(_number(row.get(c), path, line, c) for c in columns)
-    except FileNotFoundError:
-        raise HistomilError(f"{path}: targets CSV not found") from None
-    except UnicodeDecodeError:
-        raise HistomilError(f"{path}: targets CSV is not a UTF-8 text CSV file") from None
-    except (csv.Error, OSError) as exc:
-        raise HistomilError(f"{path}: cannot read targets CSV ({exc})") from None
+    names, rows = read_csv_rows(path, "targets CSV")
+    header = [n.lower() for n in names]
+    missing = [c for c in ("case", *columns) if c not in header]
+    if missing:
+        raise HistomilError(f"{path}: targets CSV has no column {', '.join(missing)} (has: {', '.join(header) or 'none'})")
+    out: dict[str, tuple[float, ...]] = {}
+    for line, row in rows:
+        case = row.get("case", "")
+        if not case:
+            raise HistomilError(f"{path}: line {line}: empty case id")
+        if case in out:
+            raise HistomilError(f"{path}: line {line}: case {case} appears more than once")
+        out[case] = tuple(_number(row.get(c), path, line, c) for c in columns)
     return out
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from histomil.devices import resolve_device  # noqa: F401  (the trainers' device, from one place)
 from histomil.errors import HistomilError
 from histomil.models.base import MILOutput
+from histomil.training.task_base import model_objectives
 
 C = TypeVar("C", bound=pydantic.BaseModel)
 
@@ -57,14 +58,7 @@ def bag_loss(
     ``label_smoothing`` = eps aims at ``1 - eps/2`` instead of 1 (binary), which bounds the logits the
     loss asks for (eps = 0.1: |logit difference| <= log(19) = 2.9) instead of driving them to infinity.
     """
-    loss = F.cross_entropy(out.logits, target, weight=weight, label_smoothing=label_smoothing)
-    extras = out.extras or {}
-    if "loss_weight_bag" in extras:
-        loss = loss * extras["loss_weight_bag"]
-    aux = extras.get("aux_loss")
-    if aux is not None:
-        loss = loss + aux
-    return loss
+    return model_objectives(out, F.cross_entropy(out.logits, target, weight=weight, label_smoothing=label_smoothing))
 
 
 def check_finite(train_loss: float, epoch: int, out_dir: Path, lr: float) -> None:
