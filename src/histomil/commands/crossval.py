@@ -34,7 +34,8 @@ def crossval_cmd(
     table: Path | None = typer.Option(None, "--table", help="Cohort table: one row per slide (slide, patient, target[, split, fold, group])."),
     features: Path | None = typer.Option(None, "--features", help="Folder of per-slide feature files <slide>.h5/.pt (histomil, CLAM, TRIDENT, STAMP)."),
     target: str | None = typer.Option(None, "--target", help="The table column to predict."),
-    task: str | None = typer.Option(None, "--task", help="classification (default) or survival (with --time and --event)."),
+    task: str | None = typer.Option(None, "--task", help="classification (default), regression (--target: a numeric column; folds stratified on its quantiles) or survival (with --time and --event)."),
+    loss: str | None = typer.Option(None, "--loss", help="The task's loss: regression mse (default) or huber; survival cox (default) or discrete."),
     time_column: str | None = typer.Option(None, "--time", help="Survival: the follow-up time column (> 0)."),
     event_column: str | None = typer.Option(None, "--event", help="Survival: the event column (1 = event, 0 = censored); folds are stratified on it."),
     clinical_table: Path | None = typer.Option(None, "--clinical-table", help="Per-patient table (patient, target...); --table then maps slide -> patient."),
@@ -57,13 +58,17 @@ def crossval_cmd(
                       "--folds": folds, "--seeds": seeds, "--bag-level": bag_level, "--classes": classes,
                       "--on-missing": on_missing, "--slide-column": slide_column, "--patient-column": patient_column,
                       "--model": model, "--epochs": epochs, "--config": train_config, "--task": task,
-                      "--time": time_column, "--event": event_column, "--stream": stream}
+                      "--time": time_column, "--event": event_column, "--stream": stream, "--loss": loss}
     if config is not None:
         given = [k for k, v in cohort_options.items() if v is not None]
         if given:
             raise HistomilError(f"{config}: a tile-study config takes no {given[0]} (give --table ... without CONFIG for a slide cohort)")
         _tile_study(config, out, overrides)
         return
+    if task == "regression":
+        given = [k for k in ("--classes", "--time", "--event") if cohort_options[k] is not None]
+        if given:
+            raise HistomilError(f"crossval: {given[0]} does not apply to --task regression (its --target is a numeric column)")
     if event_column is not None:
         if target is not None and target != event_column:
             raise HistomilError("crossval: --event is the target of a survival cross-validation; give --event or --target, not both")
@@ -74,7 +79,7 @@ def crossval_cmd(
                             f"({', '.join(missing)} missing)")
     from histomil.evaluation.cohort_cv import cohort_config, run_cohort_crossval
 
-    train: dict[str, Any] = {k: v for k, v in {"model": model, "epochs": epochs}.items() if v is not None}
+    train: dict[str, Any] = {k: v for k, v in {"model": model, "epochs": epochs, "loss": loss}.items() if v is not None}
     columns = {k: v for k, v in {"slide": slide_column, "patient": patient_column}.items() if v is not None}
     options: dict[str, Any] = {
         "table": table, "features": features, "target": target, "clinical_table": clinical_table, "folds": folds,
@@ -93,7 +98,8 @@ def crossval_cmd(
     if not world.is_main:
         return
     show_result(_cohort_table(summary))
-    ensemble = "" if summary.get("task") == "survival" else " and ensemble.pt"  # risks are not averaged probabilities
+    # risks and values are not averaged class probabilities: no ensemble.pt
+    ensemble = " and ensemble.pt" if summary.get("task", "classification") == "classification" else ""
     show_result(f"wall time {summary['wall_seconds']:.0f} s; out-of-fold predictions, metrics, fold models{ensemble} in {out}")
 
 
@@ -120,8 +126,10 @@ def _cohort_table(summary: dict[str, Any]) -> str:
     mean = summary["mean_over_folds"]
     names = [m for m in mean if isinstance(mean[m], dict) and "mean" in mean[m] and all(m in p for p in summary["pooled"].values())]
     pos = f", positive class {summary['positive_class']!r}" if summary.get("positive_class") is not None else ""
+    what = (f"target {summary['target']!r} (regression)" if summary.get("task") == "regression"
+            else f"classes {summary['classes']}{pos}")
     lines = [f"{summary['n_patients']} patients ({summary['n_slides']} slides), {summary['folds']} folds x "
-             f"{len(summary['seeds'])} seed(s), bags per {summary['bag_level']}; classes {summary['classes']}{pos}",
+             f"{len(summary['seeds'])} seed(s), bags per {summary['bag_level']}; {what}",
              "", "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     cells = []
     for m in names:
@@ -132,6 +140,10 @@ def _cohort_table(summary: dict[str, Any]) -> str:
         row = [num(pooled[m]["value"]) + (f" [{num(pooled[m]['low'])}, {num(pooled[m]['high'])}]" if "low" in pooled[m] else "")
                for m in names]
         lines.append(f"| pooled, {seed} | " + " | ".join(row) + " |")
+    across = summary.get("mean_over_seeds")
+    if across and len(summary["seeds"]) > 1:
+        lines.append("| pooled, mean ± sd over seeds | " + " | ".join(
+            f"{num(across[m].get('mean'))} ± {num(across[m].get('std'))}" if m in across else "n/a" for m in names) + " |")
     if "holdout" in summary:
         h = summary["holdout"]
         lines.append(f"| held out ({h['n_patients']}), ensemble | " + " | ".join(num(h.get(m)) for m in names) + " |")

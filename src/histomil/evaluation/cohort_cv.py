@@ -9,7 +9,8 @@ For every seed (``seeds``) and fold:
    (:func:`~.splitting.grouped_stratified_folds`; a ``group`` column keeps a whole group, e.g. a
    hospital, in one fold; a ``fold`` column gives the folds instead), and inside each training fold a
    stratified inner validation split of patients (``val_fraction``, :func:`~.splitting.stratified_groups_split`);
-   patients marked ``test`` in a ``split`` column are held out of every fold;
+   patients marked ``test`` in a ``split`` column are held out of every fold (a ``regression`` target
+   is stratified on its quantile bins, :mod:`.regression_cv`; ``survival`` on the event, :mod:`.survival_cv`);
 2. the model is trained on the training patients' bags (:func:`histomil.training.trainer.train`, one
    bag per patient holding all its slides' tiles, or one per slide), early-stopped on the validation
    patients;
@@ -90,8 +91,9 @@ class CohortCVConfig(_Strict):
     target: str = Field(min_length=1)
     clinical_table: Path | None = None
     # survival: the target is the event column (0/1; the folds are stratified on it) and ``time`` the
-    # follow-up time column; training, metrics and results are histomil.evaluation.survival_cv's
-    task: Literal["classification", "survival"] = "classification"
+    # follow-up time column; training, metrics and results are histomil.evaluation.survival_cv's.
+    # regression: the target is a number per patient (folds stratified on its quantile bins), see regression_cv
+    task: Literal["classification", "regression", "survival"] = "classification"
     time: str | None = None
     columns: CohortColumnNames = CohortColumnNames()
     classes: list[str] | None = None  # class order (index 0, 1, ...); default: sorted labels
@@ -117,8 +119,10 @@ class CohortCVConfig(_Strict):
             raise ValueError(f"seeds must be distinct whole numbers >= 0, got {self.seeds}")
         if (self.task == "survival") != (self.time is not None):
             raise ValueError("a survival cross-validation needs the time column (--time), and only it takes one")
-        if (self.task == "survival") != (self.train.task == "survival"):
+        if self.task != self.train.task:
             raise ValueError(f"task {self.task} trains with train.task {self.train.task}; leave train.task unset")
+        if self.task == "regression" and self.classes is not None:
+            raise ValueError("a regression target has no classes; leave out --classes")
         return self
 
 
@@ -137,17 +141,27 @@ def cohort_config(options: Mapping[str, Any], train_yaml: str | Path | None = No
 
         raw["train"] = {**SURVIVAL_DEFAULTS["train"], **raw.get("train", {})}
         raw.setdefault("bootstrap_resamples", SURVIVAL_DEFAULTS["bootstrap_resamples"])
+    elif raw.get("task") == "regression":  # the trainer's regression task: one output, standardised target
+        from histomil.evaluation.regression_cv import REGRESSION_DEFAULTS
+
+        raw["train"] = {**REGRESSION_DEFAULTS["train"], **raw.get("train", {})}
     return config.validate(CohortCVConfig, raw, str(train_yaml) if train_yaml is not None else "crossval options")
 
 
 # ------------------------------------------------------------------------------------------- splits
 
 
-def cohort_folds(source: CohortSource, patients: list[str], k: int, seed: int, val_fraction: float) -> list[dict[str, str]]:
-    """patient -> "train" / "val" / "test" per fold: stratified by class, grouped by the group column
-    (else by patient); the table's fold column, when present, gives the outer folds."""
+def cohort_folds(source: CohortSource, patients: list[str], k: int, seed: int, val_fraction: float,
+                 strata: Mapping[str, int] | None = None) -> list[dict[str, str]]:
+    """patient -> "train" / "val" / "test" per fold: stratified by class (or by ``strata``, e.g. a
+    continuous target's quantile bins), grouped by the group column (else by patient); the table's fold
+    column, when present, gives the outer folds."""
     cohort = source.cohort
-    labels = cohort.labels_of(patients)
+
+    def labels_of(ps: list[str]) -> np.ndarray:
+        return cohort.labels_of(ps) if strata is None else np.array([strata[p] for p in ps], dtype=np.int64)
+
+    labels = labels_of(patients)
     group_of = {p: (cohort.patient_group or {}).get(p, p) for p in patients}
     if cohort.patient_fold:
         given = sorted({cohort.patient_fold[p] for p in patients})
@@ -155,11 +169,12 @@ def cohort_folds(source: CohortSource, patients: list[str], k: int, seed: int, v
             raise HistomilError(f"{cohort.source}: the fold column holds {len(given)} folds ({given}), --folds asks for {k}")
         outer = [{p for p in patients if cohort.patient_fold[p] == f} for f in given]
     else:
-        outer = grouped_stratified_folds(labels, [group_of[p] for p in patients], k, seed, cohort.source)
+        outer = grouped_stratified_folds(labels, [group_of[p] for p in patients], k, seed, cohort.source,
+                                         one_label_ok=strata is not None)
         outer = [{p for p in patients if group_of[p] in test} for test in outer]
 
     def inner(rest: list[str], fold: int) -> Mapping[str, str]:
-        val = stratified_groups_split(rest, cohort.labels_of(rest), val_fraction, seed * 1000 + fold,
+        val = stratified_groups_split(rest, labels_of(rest), val_fraction, seed * 1000 + fold,
                                       [group_of[p] for p in rest], f"{cohort.source}, fold {fold}")
         return {p: ("val" if p in val else "train") for p in rest}
 
@@ -179,6 +194,10 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
         from histomil.evaluation.survival_cv import run_survival_fold
 
         return run_survival_fold(cfg, source, out, seed, fold, assignment, holdout, log, progress)
+    if cfg.task == "regression":
+        from histomil.evaluation.regression_cv import run_regression_fold
+
+        return run_regression_fold(cfg, source, out, seed, fold, assignment, holdout, log, progress)
     fold_dir = _fold_dir(out, seed, fold)
     name = f"seed {seed} fold {fold}"
     cohort = source.cohort
@@ -265,9 +284,15 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
     check_settings(out, CohortCVConfig, cfg_json, RESUMABLE)
     c = cfg.columns
     cohort = read_cohort(cfg.table, cfg.target, clinical_table=cfg.clinical_table, classes=cfg.classes,
-                         columns=CohortColumns(c.slide, c.patient, c.split, c.fold, c.group), on_missing=cfg.on_missing)
+                         columns=CohortColumns(c.slide, c.patient, c.split, c.fold, c.group), on_missing=cfg.on_missing,
+                         numeric=cfg.task == "regression")
     cohort = match_feature_files(cohort, cfg.features, cfg.on_missing)
-    log(f"{cohort.source}: {cohort.describe()}")
+    if cfg.task == "regression":  # every patient's value checked (a finite number) before any fold is drawn
+        from histomil.evaluation import regression_cv
+
+        log(f"{cohort.source}: {regression_cv.describe_values(cohort, regression_cv.cohort_values(cfg, cohort))}")
+    else:
+        log(f"{cohort.source}: {cohort.describe()}")
     if cfg.task == "survival":  # times and events checked before any fold is drawn
         from histomil.evaluation.survival_cv import cohort_survival
 
@@ -290,9 +315,14 @@ def run_cohort_crossval(cfg: CohortCVConfig, out_dir: str | Path, log: Log = pri
     log(f"{len(patients)} patients cross-validated in {cfg.folds} folds x {len(cfg.seeds)} seed(s), bags per "
         f"{cfg.bag_level}" + (f"; {len(holdout)} held out (split column 'test')" if holdout else ""))
 
+    strata = None
+    if cfg.task == "regression":  # folds stratified on the target's quantile bins
+        from histomil.evaluation.regression_cv import target_strata
+
+        strata = target_strata(cfg, cohort, patients)
     jobs: list[tuple[int, int, Mapping[str, str]]] = []
     for seed in cfg.seeds:
-        folds = cohort_folds(source, patients, cfg.folds, seed, cfg.val_fraction)
+        folds = cohort_folds(source, patients, cfg.folds, seed, cfg.val_fraction, strata)
         if main:
             (out / f"seed-{seed}").mkdir(exist_ok=True)
             check_folds(out / f"seed-{seed}" / "folds.json",

@@ -10,6 +10,7 @@ validation / test:
   training and validation patients by a caller-given inner split;
 * :func:`stratified_groups_split`: one grouped, stratified split (the inner validation split of a
   cohort, and a held-out fraction), again through ``StratifiedGroupKFold``;
+* :func:`quantile_strata`: a continuous target binned at its quantiles, the labels those stratify on;
 * :func:`patient_folds` and :func:`holdout_patients`: the tile-table versions used by the tile study.
 """
 
@@ -62,11 +63,12 @@ def roles_of(assignment: Mapping[str, str], roles: Sequence[str] = ROLES) -> dic
 
 
 def grouped_stratified_folds(labels: Sequence[int] | np.ndarray, groups: Sequence[str], k: int, seed: int,
-                             source: str = "cross-validation") -> list[set[str]]:
+                             source: str = "cross-validation", one_label_ok: bool = False) -> list[set[str]]:
     """The test groups of each of ``k`` folds: every group tested exactly once, labels balanced across folds.
 
     ``labels`` and ``groups`` have one entry per row (a tile, or a patient); rows of one group always
-    fall in one fold. Raises :class:`HistomilError` when there are fewer groups than folds or one label.
+    fall in one fold. Raises :class:`HistomilError` when there are fewer groups than folds or one label
+    (unless ``one_label_ok``: strata of a continuous target, one bin when there are few patients).
     """
     groups_arr = np.asarray(groups)
     labels_arr = np.asarray(labels)
@@ -75,7 +77,7 @@ def grouped_stratified_folds(labels: Sequence[int] | np.ndarray, groups: Sequenc
         raise HistomilError(f"{source}: cross-validation needs at least 2 folds, got {k}")
     if len(distinct) < k:
         raise HistomilError(f"{source}: {len(distinct)} patients cannot make {k} patient-disjoint folds")
-    if len(np.unique(labels_arr)) < 2:
+    if len(np.unique(labels_arr)) < 2 and not one_label_ok:
         raise HistomilError(f"{source}: every labelled row has the same label; need two classes to stratify")
     counts = np.unique(labels_arr, return_counts=True)[1]
     if counts.max() < k:
@@ -133,6 +135,21 @@ def stratified_groups_split(patients: Sequence[str], labels: Sequence[int] | np.
     k = max(k, 2)
     _, idx = next(_split(k, seed, y, np.asarray(groups), source))
     return {patients[i] for i in idx}
+
+
+def quantile_strata(values: Sequence[float] | np.ndarray, min_count: int, max_bins: int = 10) -> np.ndarray:
+    """Bin index (0..B-1) of each value, cut at its quantiles: the most bins (up to ``max_bins``) whose
+    every bin holds at least ``min_count`` values (e.g. the number of folds), so folds stratified on the
+    bins each get low, middle and high values; fewer bins when ties or few values leave bins too small,
+    down to one bin (no stratification)."""
+    v = np.asarray(values, dtype=np.float64)
+    # tied values can merge quantiles: the bins left non-empty are the ones that count
+    for bins in range(max_bins if len(v) >= 2 * min_count else 1, 1, -1):
+        edges = np.unique(np.quantile(v, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+        _, strata, counts = np.unique(np.searchsorted(edges, v, side="right"), return_inverse=True, return_counts=True)
+        if len(counts) > 1 and counts.min() >= min_count:
+            return strata.astype(np.int64)
+    return np.zeros(len(v), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------- tile tables
@@ -194,5 +211,5 @@ def patient_folds(table: TileTable, k: int = 5, seed: int = 0, val_fraction: flo
 
 __all__ = [
     "ROLES", "check_no_leak", "grouped_stratified_folds", "holdout_patients", "nested_folds", "patient_folds",
-    "roles_of", "stratified_groups_split", "subset_table",
+    "quantile_strata", "roles_of", "stratified_groups_split", "subset_table",
 ]

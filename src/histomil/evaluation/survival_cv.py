@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,12 +38,10 @@ from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.fold_loop import run_fold
-from histomil.evaluation.splitting import check_no_leak, roles_of
 from histomil.evaluation.survival import METRICS, SurvivalTargets, survival_bootstrap_ci, survival_metrics, survival_targets
 from histomil.evaluation.survival_plots import plot_km_risk_groups
 from histomil.evaluation.survival_report import evaluate_survival, held_out_times
-from histomil.features.store import FeatureBag
-from histomil.features.validate import training_encoder_info
+from histomil.evaluation.target_cv import NumberColumn, fold_roles, mean_fold_outputs, patient_numbers, patient_outputs, train_fold, with_targets
 from histomil.reports.tables import write_text
 from histomil.training.survival_losses import batch_memory_bytes
 
@@ -55,6 +52,7 @@ Progress = Callable[[str, int, int], None]
 # fewer bootstrap resamples (scikit-survival's estimators run afresh for each one).
 SURVIVAL_DEFAULTS: dict[str, Any] = {"train": {"task": "survival", "batch_size": 32, "monitor": "val_cindex"},
                                      "bootstrap_resamples": 200}
+TIME_COLUMN = NumberColumn("time", "--time", lambda v: v > 0, "a number above 0")
 EVENT_WORDS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1, "no": 0, "yes": 1}
 
 
@@ -64,6 +62,10 @@ class PatientSurvival:
 
     time: dict[str, float]
     event: dict[str, int]
+
+    def target(self, patient: str) -> tuple[float, float]:
+        """A patient's training target ``(time, event)``."""
+        return (self.time[patient], float(self.event[patient]))
 
     def targets(self, patients: Sequence[str], what: str) -> SurvivalTargets:
         return survival_targets([self.time[p] for p in patients], [self.event[p] for p in patients], what)
@@ -78,63 +80,13 @@ def patient_survival(cohort: Cohort, table: str | Path, time_column: str, clinic
     if len(cohort.classes) != 2 or None in events.values() or set(events.values()) != {0, 1}:
         raise HistomilError(f"{cohort.source}: the event column {cohort.target!r} must hold 0 (censored) and 1 (event), "
                             f"found {', '.join(map(repr, cohort.classes))}")
-    path = Path(clinical_table if clinical_table is not None else table)
-    times: dict[str, float] = {}
-    lines: dict[str, int] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = {c.strip().lower(): c for c in reader.fieldnames or [] if c is not None}
-            rows = list(enumerate(reader, start=2))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise HistomilError(f"{path}: cannot read the time column ({exc})") from None
-    col = header.get(time_column.strip().lower())
-    if col is None:
-        raise HistomilError(f"{path}: no time column {time_column!r} (columns: {', '.join(header.values())}); use --time")
-    key = header.get((patient_column if clinical_table is not None else slide_column).strip().lower())
-    for line, row in rows:
-        ident = (row.get(key) or "").strip() if key else ""
-        patient = ident if clinical_table is not None else cohort.slide_patient.get(ident, "")
-        if patient not in cohort.patient_label:
-            continue  # a row the cohort dropped (no feature file, no target)
-        text = (row.get(col) or "").strip()
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and value > 0):
-            raise HistomilError(f"{path}: line {line}: time {text!r} of patient {patient} is not a number above 0")
-        if patient in times and times[patient] != value:
-            raise HistomilError(f"{path}: patient {patient} has two times, {times[patient]:g} (line {lines[patient]})"
-                                f" and {value:g} (line {line})")
-        times.setdefault(patient, value)
-        lines.setdefault(patient, line)
-    missing = [p for p in cohort.patients if p not in times]
-    if missing:
-        raise HistomilError(f"{path}: no time for patient(s) {', '.join(missing[:5])}")
+    times = patient_numbers(cohort, table, time_column, TIME_COLUMN, clinical_table, slide_column, patient_column)
     return PatientSurvival(times, {p: events[cohort.classes[c]] for p, c in cohort.patient_label.items()})
 
 
 def cohort_survival(cfg: Any, cohort: Cohort) -> PatientSurvival:
     """:func:`patient_survival` with the columns and tables of a cohort cross-validation config."""
     return patient_survival(cohort, cfg.table, cfg.time, cfg.clinical_table, cfg.columns.slide, cfg.columns.patient)
-
-
-def _with_targets(bags: Sequence[FeatureBag], surv: PatientSurvival) -> list[FeatureBag]:
-    """The bags (shared features) with their patient's ``(time, event)`` as target."""
-    out = []
-    for b in bags:
-        p = str(b.attrs.get("patient", b.bag_id))
-        out.append(dataclasses.replace(b, target=(surv.time[p], float(surv.event[p]))))
-    return out
-
-
-def _risks(model: Any, task: Any, bags: Sequence[FeatureBag], source: CohortSource) -> tuple[list[str], np.ndarray]:
-    """(patients, their prediction rows): slide bags' rows averaged per patient; column 0 is the risk."""
-    from histomil.training.trainer import predict
-
-    rows = np.stack([np.asarray(p, dtype=np.float64) for p, _ in predict(model, bags, task=task)])
-    return source.per_patient(bags, rows)
 
 
 def _metrics(result: Mapping[str, Any], with_ci: bool) -> dict[str, Any]:
@@ -157,32 +109,18 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
     state: dict[str, Any] = {}
 
     def work() -> dict[str, Any]:
-        from histomil.training.checkpoint import load_checkpoint
-        from histomil.training.tasks import task_from_checkpoint
-        from histomil.training.trainer import train
-
-        roles = roles_of(assignment)
-        check_no_leak({**roles, "held-out test": holdout}, name)
-        train_p, val_p, test_p = (sorted(roles[r]) for r in ("train", "val", "test"))
-        log(f"{name}: {len(train_p)} train / {len(val_p)} validation / {len(test_p)} test patients")
+        roles, train_p, val_p, test_p = fold_roles(assignment, holdout, name, log)
         t0 = time.perf_counter()
-        bags = {r: _with_targets(source.bags(ps), surv) for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
+        bags = {r: with_targets(source.bags(ps), surv.target) for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
         train_cfg = cfg.train.model_copy(update={"seed": seed})
         most = max(len(b) for b in bags["train"])
         mb = batch_memory_bytes(train_cfg.batch_size, most, bags["train"][0].features.shape[1]) / 2**20
         log(f"{name}: {train_cfg.batch_size} patients per step (largest bag {most} tiles: about {mb:.0f} MB of activations)")
-        on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), train_cfg.epochs)) if progress else None
-        try:
-            result = train(bags["train"], bags["val"], train_cfg, fold_dir,
-                           encoder_info=training_encoder_info(bags["train"] + bags["val"]), on_epoch=on_epoch, resume=True)
-        except HistomilError as exc:
-            raise HistomilError(f"{name}: {exc}") from None
+        result, model, task = train_fold(train_cfg, bags["train"], bags["val"], fold_dir, name, progress)
         state["last"] = result.last_path
         timings = {"train": round(time.perf_counter() - t0, 2)}
         t0 = time.perf_counter()
-        model, meta = load_checkpoint(result.model_path)
-        task = task_from_checkpoint(meta)
-        pred = {r: _risks(model, task, bags[r], source) for r in ("train", "val", "test")}
+        pred = {r: patient_outputs(model, task, bags[r], source) for r in ("train", "val", "test")}
         targets = {r: surv.targets(pred[r][0], f"{name}, {r} patients") for r in pred}
         times = held_out_times(targets["train"], targets["test"])
         discrete = task.loss_name == "discrete"
@@ -263,17 +201,8 @@ def _pooled(out: Path, records: Sequence[Mapping[str, Any]], n_resamples: int, p
 def _holdout(out: Path, source: CohortSource, surv: PatientSurvival, patients: set[str],
              records: Sequence[Mapping[str, Any]], n_resamples: int) -> dict[str, Any]:
     """The held-out patients scored by the mean risk of every fold model."""
-    from histomil.training.checkpoint import load_checkpoint
-    from histomil.training.tasks import task_from_checkpoint
-
-    bags = _with_targets(source.bags(sorted(patients)), surv)
-    risks = []
-    names: list[str] = []
-    for r in records:
-        model, meta = load_checkpoint(out / r["dir"] / "model.pt")
-        names, rows = _risks(model, task_from_checkpoint(meta), bags, source)
-        risks.append(rows[:, 0])
-    risk = np.mean(risks, axis=0)
+    names, rows = mean_fold_outputs(out, records, source, with_targets(source.bags(sorted(patients)), surv.target))
+    risk = rows[:, 0]
     targets = surv.targets(names, "held-out patients")
     ci = survival_bootstrap_ci(targets, risk, n_resamples=max(n_resamples, 1))
     return {"model": "mean risk of the fold models", "n_patients": len(names),

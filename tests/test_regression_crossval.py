@@ -1,0 +1,208 @@
+"""Regression cross-validation of a slide cohort through the CLI (``crossval --task regression``): folds
+grouped by patient and stratified on the target's quantiles, a learned signal (out-of-fold R² well above
+0, and not with shuffled targets), pooled metrics recomputed from the out-of-fold table, resume, held-out
+patients, and one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from histomil.cli import app
+from histomil.evaluation.splitting import quantile_strata
+from histomil.features.store import FeatureBag, write_feature_bag
+from histomil.training.tasks import regression_scores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DIM = 16
+FAST = ["--set", "train.lr=2e-3", "--set", "train.batch_size=8", "--set", "train.threads=1",
+        "--set", "bootstrap_resamples=30", "--set", "train.model_kwargs={embed_dim: 32, attn_dim: 16}"]
+
+
+def write_regression_cohort(root: Path, n_patients: int = 40, seed: int = 0, shuffle: bool = False,
+                            split_test: int = 0) -> tuple[Path, Path, dict[str, float]]:
+    """(cohort.csv, feature folder, patient -> target). A fraction f of a patient's tiles (1-2 slides of 20-40)
+    is shifted along 4 features and its target is 10 f; ``shuffle`` deals the targets out to other patients
+    (no signal left); the last ``split_test`` patients are marked ``test`` in a split column."""
+    rng = np.random.default_rng(seed)
+    feats_dir = root / "features"
+    feats_dir.mkdir(parents=True)
+    fraction = rng.uniform(0, 1, size=n_patients)
+    target = 10.0 * (rng.permutation(fraction) if shuffle else fraction)
+    rows, truth = [], {}
+    for i in range(n_patients):
+        patient = f"P{i:03d}"
+        truth[patient] = float(f"{target[i]:.6f}")
+        for j in range(1 + i % 2):
+            n = int(rng.integers(20, 41))
+            x = rng.normal(size=(n, DIM)).astype(np.float32)
+            x[: int(round(fraction[i] * n)), :4] += 2.5
+            slide = f"{patient}-S{j}"
+            write_feature_bag(feats_dir / f"{slide}.h5", FeatureBag(slide, x, [str(t) for t in range(n)], attrs={"encoder": "toy"}))
+            rows.append({"slide": slide, "patient": patient, "score": f"{target[i]:.6f}",
+                         "split": "test" if i >= n_patients - split_test else "train"})
+    table = root / "cohort.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["slide", "patient", "score", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    return table, feats_dir, truth
+
+
+def read_oof(out: Path) -> list[dict[str, str]]:
+    with open(out / "oof_predictions.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regression_cv")
+    table, feats, truth = write_regression_cohort(root)
+    out = root / "cv"
+    args = ["crossval", "--table", str(table), "--features", str(feats), "--task", "regression", "--target", "score",
+            "--folds", "4", "--seeds", "0,1", "--out", str(out), "--epochs", "25", *FAST]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return table, out, truth, result.output, args
+
+
+def test_out_of_fold_predictions_learn_the_target(regression_run) -> None:
+    _, out, truth, output, _ = regression_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "regression" and m["target"] == "score" and m["loss"] == "mse"
+    assert len(m["per_fold"]) == 8 and m["seeds"] == [0, 1]
+    for fold in m["per_fold"]:
+        ci = fold["metrics"]["ci"]
+        assert ci["mae"]["low"] <= fold["metrics"]["mae"] <= ci["mae"]["high"]
+        assert (out / fold["dir"] / "model.pt").is_file() and (out / fold["dir"] / "predictions_test.csv").is_file()
+    oof = read_oof(out)
+    for seed in (0, 1):
+        rows = [r for r in oof if r["seed"] == str(seed)]
+        assert sorted(r["patient"] for r in rows) == sorted(truth)  # every patient once per seed
+        assert all(float(r["y_true"]) == truth[r["patient"]] for r in rows)
+        pooled = m["pooled"][f"seed-{seed}"]
+        expect = regression_scores(np.array([float(r["y_true"]) for r in rows]), np.array([float(r["prediction"]) for r in rows]))
+        for name in ("mae", "rmse", "r2", "pearson", "spearman"):
+            assert pooled[name]["value"] == pytest.approx(expect[name])
+            assert pooled[name]["low"] <= pooled[name]["value"] <= pooled[name]["high"]
+        assert pooled["r2"]["value"] > 0.4 and pooled["spearman"]["value"] > 0.8, pooled
+    assert m["mean_over_seeds"]["r2"]["n"] == 2 and m["mean_over_seeds"]["r2"]["mean"] > 0.4
+    assert m["mean_over_folds"]["r2"]["n"] == 8
+    assert (out / "scatter_oof.png").stat().st_size > 1000 and not (out / "ensemble.pt").exists()
+    assert json.loads((out / "config.json").read_text())["task"] == "regression"
+    assert "target 'score' (regression)" in output and "mean ± sd over seeds" in output
+
+
+def test_folds_are_patient_grouped_and_stratified_on_the_target(regression_run) -> None:
+    _, out, truth, _, _ = regression_run
+    low, high = np.quantile(list(truth.values()), [0.25, 0.75])
+    for seed in (0, 1):
+        folds = json.loads((out / f"seed-{seed}" / "folds.json").read_text())["folds"]
+        assert sorted(p for f in folds for p in f["test"]) == sorted(truth)  # tested once: never in two folds
+        for f in folds:
+            assert not set(f["test"]) & (set(f["train"]) | set(f["val"])) and not set(f["train"]) & set(f["val"])
+            values = [truth[p] for p in f["test"]]
+            assert min(values) < low and max(values) > high  # every fold tests low and high targets
+
+
+def test_shuffled_targets_leave_no_signal(tmp_path) -> None:
+    rng = np.random.default_rng(7)  # the generator's draws: seed 7's shuffled targets barely follow the tiles
+    fraction = rng.uniform(0, 1, size=40)
+    assert abs(np.corrcoef(fraction, rng.permutation(fraction))[0, 1]) < 0.1
+    table, feats, _ = write_regression_cohort(tmp_path, seed=7, shuffle=True)
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["crossval", "--table", str(table), "--features", str(feats), "--task", "regression",
+                                      "--target", "score", "--folds", "4", "--out", str(out), "--epochs", "25", *FAST])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.json").read_text())["pooled"]["seed-0"]["r2"]["value"] < 0.15
+
+
+def test_a_rerun_skips_finished_folds_and_refuses_changed_settings(regression_run, tmp_path) -> None:
+    table, out, _, _, args = regression_run
+    before = json.loads((out / "metrics.json").read_text())
+    oof_before = (out / "oof_predictions.csv").read_text()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier, skipped") == 8
+    after = json.loads((out / "metrics.json").read_text())
+    for key in ("per_fold", "pooled", "mean_over_folds", "mean_over_seeds"):
+        assert after[key] == before[key]
+    assert (out / "oof_predictions.csv").read_text() == oof_before
+    refused = CliRunner().invoke(app, [*args, "--loss", "huber"])
+    assert refused.exit_code == 2 and "loss changed" in refused.output, refused.output
+    changed = tmp_path / "changed.csv"
+    changed.write_text(table.read_text().replace("P000-S0,P000,", "P000-S0,P000,1"))
+    refused = CliRunner().invoke(app, [a if a != str(table) else str(changed) for a in args])
+    assert refused.exit_code == 2 and "the cohort table changed" in refused.output, refused.output
+
+
+def test_huber_loss_and_held_out_patients(tmp_path) -> None:
+    table, feats, truth = write_regression_cohort(tmp_path, n_patients=24, seed=1, split_test=6)
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["crossval", "--table", str(table), "--features", str(feats), "--task", "regression",
+                                      "--target", "score", "--loss", "huber", "--folds", "3", "--out", str(out),
+                                      "--epochs", "8", *FAST])
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    held = sorted(truth)[-6:]
+    assert m["loss"] == "huber" and m["n_holdout_patients"] == 6 and m["holdout"]["n_patients"] == 6
+    assert {"mae", "r2", "spearman", "ci"} <= set(m["holdout"])
+    assert not set(held) & {r["patient"] for r in read_oof(out)}
+    for f in json.loads((out / "seed-0" / "folds.json").read_text())["folds"]:
+        assert not set(held) & set(f["train"] + f["val"] + f["test"])
+
+
+def _with_value(table: Path, dest: Path, row: int, value: str) -> Path:
+    lines = table.read_text().splitlines()
+    lines[row] = ",".join(lines[row].split(",")[:2] + [value] + lines[row].split(",")[3:])
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def test_regression_input_errors_are_one_line(tmp_path) -> None:
+    table, feats, _ = write_regression_cohort(tmp_path, n_patients=12)
+    # data line 1 is P000's only slide; lines 2-3 are P001's two slides
+    cases = [
+        (_with_value(table, tmp_path / "text.csv", 1, "high"), [], "line 2: target 'high' of patient P000 (column 'score') is not a finite number"),
+        (_with_value(table, tmp_path / "inf.csv", 1, "inf"), [], "line 2: target 'inf' of patient P000"),
+        (_with_value(table, tmp_path / "two.csv", 2, "7.5"), [], "patient 'P001' has conflicting value (score): '7.5' on line 3"),
+        (table, ["--classes", "a,b"], "--classes does not apply to --task regression"),
+        (table, ["--time", "score"], "--time does not apply to --task regression"),
+        (table, ["--event", "score"], "--event does not apply to --task regression"),
+        (table, ["--loss", "hinge"], "unknown loss 'hinge'"),
+    ]
+    runner = CliRunner()
+    for i, (path, extra, msg) in enumerate(cases):
+        result = runner.invoke(app, ["crossval", "--table", str(path), "--features", str(feats), "--task", "regression",
+                                     "--target", "score", "--folds", "3", *extra, "--out", str(tmp_path / f"cv{i}")])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and msg in lines[0], result.output
+        assert path == table or f"{path}: " in lines[0]  # a bad value names the file
+
+
+def test_quantile_strata_keep_folds_worth_of_patients_per_bin() -> None:
+    values = np.random.default_rng(0).uniform(size=40)
+    strata = quantile_strata(values, 5)
+    assert np.bincount(strata).tolist() == [5] * 8  # 8 bins of 5, in the order of the values
+    assert np.all(np.diff(strata[np.argsort(values)]) >= 0)
+    tied = quantile_strata([0.0] * 30 + [1.0] * 5 + [2.0] * 5, 5)
+    assert np.bincount(tied).tolist() == [30, 5, 5]  # tied values merge bins; each left holds >= 5
+    assert quantile_strata([1.0, 2.0, 3.0], 5).tolist() == [0, 0, 0]  # too few for two bins: one
+
+
+def test_few_patients_one_stratum_and_slide_bags(tmp_path) -> None:
+    table, feats, truth = write_regression_cohort(tmp_path, n_patients=7)  # under 2 x folds: one quantile bin
+    out = tmp_path / "cv"
+    result = CliRunner().invoke(app, ["crossval", "--table", str(table), "--features", str(feats), "--task", "regression",
+                                      "--target", "score", "--folds", "3", "--bag-level", "slide", "--out", str(out),
+                                      "--epochs", "2", *FAST])
+    assert result.exit_code == 0, result.output
+    oof = read_oof(out)
+    assert sorted(r["patient"] for r in oof) == sorted(truth)  # slide predictions averaged: one row per patient
+    assert {r["slides"] for r in oof if r["patient"] == "P001"} == {"P001-S0;P001-S1"}
