@@ -11,7 +11,6 @@ Classification (:mod:`.cohort_cv`) reads its classes from the cohort itself and 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from histomil.data.cohort import Cohort
+from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.splitting import check_no_leak, roles_of
@@ -50,31 +50,26 @@ def patient_numbers(cohort: Cohort, table: str | Path, column: str, spec: Number
     is not a number ``spec`` accepts, a patient with two values or without one is one error line naming
     the file (and line, column, patient)."""
     path = Path(clinical_table if clinical_table is not None else table)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = {c.strip().lower(): c for c in reader.fieldnames or [] if c is not None}
-            rows = list(enumerate(reader, start=2))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise HistomilError(f"{path}: cannot read the {spec.what} column ({exc})") from None
-    col = header.get(column.strip().lower())
-    if col is None:
-        raise HistomilError(f"{path}: no {spec.what} column {column!r} (columns: {', '.join(header.values())}); use {spec.option}")
-    key = header.get((patient_column if clinical_table is not None else slide_column).strip().lower())
+    names, rows = read_csv_rows(path, "clinical table" if clinical_table is not None else "cohort table")
+    header = {n.lower(): n for n in names}
+    col = column.strip().lower()
+    if col not in header:
+        raise HistomilError(f"{path}: no {spec.what} column {column!r} (columns: {', '.join(names)}); use {spec.option}")
+    key = (patient_column if clinical_table is not None else slide_column).strip().lower()
     values: dict[str, float] = {}
     lines: dict[str, int] = {}
     for line, row in rows:
-        ident = (row.get(key) or "").strip() if key else ""
+        ident = row.get(key, "")
         patient = ident if clinical_table is not None else cohort.slide_patient.get(ident, "")
         if patient not in cohort.patient_label:
             continue  # a row the cohort dropped (no feature file, no target)
-        text = (row.get(col) or "").strip()
+        text = row.get(col, "")
         try:
             value = float(text)
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and spec.valid(value)):
-            raise HistomilError(f"{path}: line {line}: {spec.what} {text!r} of patient {patient} (column {col!r}) "
+            raise HistomilError(f"{path}: line {line}: {spec.what} {text!r} of patient {patient} (column {header[col]!r}) "
                                 f"is not {spec.expected}")
         if patient in values and values[patient] != value:
             raise HistomilError(f"{path}: patient {patient} has two {spec.what}s, {values[patient]:g} (line {lines[patient]})"
