@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 
 
 def write_text(path: Path, text: str) -> None:

@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json, write_text
 
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 from histomil.models.base import MILOutput
 from histomil.models.registry import build_model
 

@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from histomil.data.bags import (Bag, check_bags, load_bag_folders, load_bags, load_manifest, natural_key,
-                                read_labels_csv, read_tile_truth)
+from histomil.data.bags import (
+    Bag,
+    check_bags,
+    load_bag_folders,
+    load_bags,
+    load_manifest,
+    read_labels_csv,
+    read_tile_truth,
+)
+from histomil.files import natural_key
 from histomil.errors import BadTileError, HistomilError
 
 

@@ -201,7 +201,7 @@ def test_predict_never_returns_another_folders_bags(shared_data: Path, tmp_path:
 
 def test_a_killed_writers_temporary_shard_is_removed_once_stale(tmp_path: Path) -> None:
     from histomil.features.cache import STALE_TEMP_S
-    from histomil.features.store import atomic_path
+    from histomil.files import atomic_path
 
     root = FeatureCache(tmp_path, INFO).root
     killed, live = atomic_path(root / "shard-0001-1-aa.h5"), atomic_path(root / "shard-0002-2-bb.h5")

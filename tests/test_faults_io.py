@@ -30,7 +30,8 @@ from histomil import __version__
 from histomil.cli import app
 from histomil.config import check_range
 from histomil.errors import HistomilError, os_error_line, write_failure
-from histomil.features.store import FeatureBag, atomic_write, read_feature_bag, write_feature_bag
+from histomil.features.store import FeatureBag, read_feature_bag, write_feature_bag
+from histomil.files import atomic_write
 from histomil.resources import example_tile_table
 from histomil.training.checkpoint_file import read_checkpoint_dict
 

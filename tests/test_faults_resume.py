@@ -201,7 +201,7 @@ def test_temp_leftovers_of_killed_steps_are_removed_and_nothing_else(tmp_path: P
 
 
 def test_a_second_writer_of_one_folder_is_refused(tmp_path: Path):
-    from histomil.features.store import exclusive_output
+    from histomil.files import exclusive_output
 
     root, out = bag_root(tmp_path, n_bags=2), tmp_path / "out"
     with exclusive_output(out, "features extract"):
@@ -330,7 +330,7 @@ def test_kill_during_run_then_rerun(tmp_path: Path):
 
 
 def test_exclusive_output_names_the_folder(tmp_path: Path):
-    from histomil.features.store import exclusive_output
+    from histomil.files import exclusive_output
 
     with exclusive_output(tmp_path, "training"), pytest.raises(HistomilError, match="another histomil process"):
         with exclusive_output(tmp_path, "training"):

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from histomil.errors import HistomilError
-from histomil.evaluation.metrics import attention_metrics, binary_metrics, sanitize
-from histomil.reports.tables import metrics_markdown, write_json, write_text
+from histomil.evaluation.metrics import attention_metrics, binary_metrics
+from histomil.files import sanitize
+from histomil.reports.tables import metrics_markdown
+from histomil.files import write_json, write_text
 
 # 5 bags: truth and positive-class probability. At threshold 0.5 the predictions are [0,1,0,1,1]:
 # tn=1 (0.1), fp=1 (0.6), fn=1 (0.4), tp=2 (0.8, 0.9).

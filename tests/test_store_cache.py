@@ -9,13 +9,8 @@ import pytest
 from histomil.errors import HistomilError
 from histomil.features.cache import FeatureCache
 from histomil.features.formats import load_feature_dataset
-from histomil.features.store import (
-    FeatureBag,
-    atomic_write,
-    pad_batch,
-    read_feature_bag,
-    write_feature_bag,
-)
+from histomil.features.store import FeatureBag, pad_batch, read_feature_bag, write_feature_bag
+from histomil.files import atomic_write
 
 INFO = {"name": "toy", "input_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "dim": 4, "precision": "fp32"}
 

@@ -32,9 +32,9 @@ from histomil.features import shards
 from histomil.features.formats import load_feature_dataset
 from histomil.features.runtimes import with_runtime
 from histomil.features.shards import Shard
-from histomil.features.store import exclusive_output, remove_temp_leftovers
+from histomil.files import exclusive_output, remove_temp_leftovers
 from histomil.hardware import run_environment
-from histomil.reports.tables import write_json
+from histomil.files import write_json
 from histomil.training.checkpoint import combine_checkpoints
 from histomil.training.trainer import TrainConfig, train
 

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from histomil.config import parse_overrides
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.ui import log, progress_bars, show_result, user_errors
 
@@ -89,7 +90,6 @@ def crossval_cmd(
         **({"columns": columns} if columns else {}), **({"train": train} if train else {}),
     }
     cfg = cohort_config(options, train_config, overrides)
-    from histomil.training.common import resolve_device
     from histomil.training.distributed import FOLD_TIMEOUT, distributed_session
 
     # under torchrun the folds are spread over the ranks; rank 0 writes and shows the results

@@ -61,8 +61,8 @@ def evaluate_cmd(
     if len(set(names)) != len(names):
         names = [str(p) for p in test_sets]
     with progress_bars() as progress:
-        results = evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
-                                allow_encoder_mismatch=allow_encoder_mismatch, device=device, task=task, targets=targets)
+        evaluate_sets(model, dict(zip(names, test_sets)), out, threshold, progress,
+                      allow_encoder_mismatch=allow_encoder_mismatch, device=device, task=task, targets=targets)
     show_result((out / "metrics.md").read_text())  # the task's table (binary: metrics_markdown of the results)
     show_result(f"written to {out}")
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from histomil.config import read_mapping
+from histomil.devices import resolve_device
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 
@@ -54,7 +55,6 @@ def train_pixels_cmd(
     processes with --bags-per-step b take the steps of one process with N x b. Rank 0 writes the run folder.
     """
     from histomil.data.bags import check_bags, load_bags
-    from histomil.training.common import resolve_device
     from histomil.training.distributed import distributed_session
     from histomil.training.pixels import PixelTrainConfig, train_pixels
 

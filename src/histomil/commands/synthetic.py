@@ -60,7 +60,7 @@ def localise_cmd(
 ) -> None:
     """Score heatmaps against known tumour tiles: attention AUC per slide (mean ± sd) and the top-1 hit rate."""
     from histomil.evaluation.localisation import geojson_scores, localise, read_truth
-    from histomil.reports.tables import write_json
+    from histomil.files import write_json
 
     known = read_truth(truth)
     rows, summary = localise(geojson_scores(sources), known)

@@ -55,7 +55,6 @@ def train_cmd(
     writes the run folder."""
     from histomil.features.lazy import read_training_folder
     from histomil.features.validate import training_encoder_info
-    from histomil.training.common import resolve_device
     from histomil.training.distributed import distributed_session
     from histomil.training.trainer import train
 

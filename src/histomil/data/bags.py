@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from histomil.data.csv_rows import read_csv_rows
 from histomil.data.images import IMAGE_EXTENSIONS, read_rgb
 from histomil.errors import BadTileError, HistomilError
+from histomil.files import natural_key
 
 LABEL_FILES = ("labels.csv", "df.csv")  # looked for in the bag root, in this order
 IGNORED_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # compared lower-case; hidden names are ignored too
@@ -43,13 +43,6 @@ class Bag:
 
     def __len__(self) -> int:
         return len(self.tile_paths)
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value: 'tile2' < 'tile10', '9' < '10'."""
-    parts = re.split(r"([0-9]+)", text)
-    primary = tuple((0, int(p)) if p[0] in "0123456789" else (1, p.lower()) for p in parts if p)
-    return primary, text  # ties ('01' vs '1', 'A' vs 'a') broken by the plain text
 
 
 # --------------------------------------------------------------------------------------------- CSV

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histomil.data.bags import natural_key
+from histomil.files import natural_key
 from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag

@@ -42,8 +42,9 @@ from histomil.data.compose import compose_study, read_study
 from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import read_tile_table
 from histomil.errors import HistomilError
-from histomil.features.store import FeatureBag, atomic_write
-from histomil.reports.tables import write_json
+from histomil.features.store import FeatureBag
+from histomil.files import atomic_write
+from histomil.files import write_json
 
 COHORT_COLUMNS = ("slide", "patient", "time", "event", "split", "role", "witnesses", "log_hazard")
 

@@ -57,7 +57,7 @@ from histomil.evaluation.threshold import ThresholdConfig, fit_threshold
 from histomil.features.lazy import fits_in_memory
 from histomil.features.validate import training_encoder_info
 from histomil.hardware import run_environment
-from histomil.reports.tables import write_json
+from histomil.files import write_json
 from histomil.training import distributed
 from histomil.training.trainer import TrainConfig, predict, train
 

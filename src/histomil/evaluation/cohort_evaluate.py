@@ -32,7 +32,7 @@ from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_results import fold_metrics, write_fold_predictions
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.features.validate import check_bags_for_model
-from histomil.reports.tables import write_json, write_text
+from histomil.files import write_json, write_text
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -236,5 +236,5 @@ def evaluation_markdown(summary: dict[str, Any]) -> str:
     if mean:
         cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" if k in mean and np.isfinite(mean[k]["mean"]) else "n/a"
                  for k in keys]
-        lines.append(f"| fold models, mean ± sd | | " + " | ".join(cells) + " |")
+        lines.append("| fold models, mean ± sd | | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

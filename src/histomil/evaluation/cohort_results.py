@@ -29,7 +29,7 @@ from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.cv_summary import crossval_markdown, summarize_folds, write_predictions
 from histomil.evaluation.metrics import binary_metrics
 from histomil.evaluation.task_metrics import MULTICLASS_METRICS, multiclass_metrics
-from histomil.reports.tables import write_json, write_text
+from histomil.files import write_json, write_text
 
 Log = Callable[[str], None]
 

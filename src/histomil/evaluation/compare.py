@@ -18,7 +18,7 @@ import numpy as np
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import binary_metrics
 from histomil.features.formats import load_feature_dataset
-from histomil.reports.tables import write_json, write_text
+from histomil.files import write_json, write_text
 from histomil.training.trainer import TrainConfig, predict, train
 
 

@@ -21,7 +21,8 @@ from histomil.features.formats import load_features_folder
 from histomil.features.store import FeatureBag
 from histomil.features.validate import check_bags_for_model
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
-from histomil.reports.tables import metrics_markdown, write_json, write_text
+from histomil.reports.tables import metrics_markdown
+from histomil.files import write_json, write_text
 from histomil.devices import device_record, resolve_device
 from histomil.data.targets import load_task_bags
 from histomil.evaluation.task_evaluate import evaluate_task_sets, is_binary

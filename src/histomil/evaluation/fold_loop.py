@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from histomil.config import changed_since_record
 from histomil.errors import HistomilError
-from histomil.reports.tables import write_json
+from histomil.files import write_json
 
 Log = Callable[[str], None]
 FOLD_DONE = "metrics.json"

@@ -1,7 +1,7 @@
 """Bag-level and tile-level evaluation metrics on plain numpy arrays.
 
 Every function returns plain Python ints/floats/lists so results can be written as JSON (after
-:func:`sanitize`, which turns the NaN of an undefined metric into ``null``). Metrics that are
+:func:`histomil.files.sanitize`, which turns the NaN of an undefined metric into ``null``). Metrics that are
 undefined for the data (an AUC on a test set with a single class, the recall of a set without
 positives) are ``float('nan')``, never an exception or a warning: a single-class external test set
 is a normal thing to evaluate, and "n/a" is more honest than a made-up number.
@@ -10,8 +10,7 @@ is a normal thing to evaluate, and "n/a" is more honest than a made-up number.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from pathlib import PurePath
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -190,30 +189,3 @@ def attention_metrics(
         "top1_hit": float(np.mean(hits)) if hits else NAN,
         "top1_hit_random": float(np.mean(random_hits)) if random_hits else NAN,
     }
-
-
-def sanitize(obj: Any) -> Any:
-    """A JSON-safe copy of ``obj``: NaN/inf -> None, numpy scalars/arrays -> Python, paths -> str.
-
-    Dict keys become strings; tuples and sets become lists. Other types raise TypeError, so a
-    result that cannot be written is caught here rather than as a half-written file.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.ndarray):
-        return sanitize(obj.tolist())
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        return [sanitize(v) for v in items]
-    raise TypeError(f"sanitize: cannot convert {type(obj).__name__} to JSON")

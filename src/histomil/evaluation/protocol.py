@@ -72,7 +72,7 @@ from histomil.features.formats import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.pipeline import FeatureConfig, TileColumns
 from histomil.reports.plots import plot_training_curves
-from histomil.reports.tables import write_json, write_text
+from histomil.files import write_json, write_text
 from histomil.training.trainer import TrainConfig, train
 
 Log = Callable[[str], None]

@@ -45,7 +45,7 @@ from histomil.evaluation.target_cv import (
     with_targets,
 )
 from histomil.evaluation.task_metrics import regression_metrics
-from histomil.reports.tables import write_text
+from histomil.files import write_text
 from histomil.training.tasks import regression_scores
 
 Log = Callable[[str], None]

@@ -42,7 +42,7 @@ from histomil.evaluation.survival import METRICS, SurvivalTargets, survival_boot
 from histomil.evaluation.survival_plots import plot_km_risk_groups
 from histomil.evaluation.survival_report import evaluate_survival, held_out_times
 from histomil.evaluation.target_cv import NumberColumn, fold_roles, mean_fold_outputs, patient_numbers, patient_outputs, train_fold, with_targets
-from histomil.reports.tables import write_text
+from histomil.files import write_text
 from histomil.training.survival_losses import batch_memory_bytes
 
 Log = Callable[[str], None]

@@ -39,7 +39,8 @@ import numpy as np
 from histomil.errors import HistomilError
 from histomil.features.formats import feature_files_any, load_any_features
 from histomil.features.geometry import read_coords_file
-from histomil.features.store import FeatureBag, atomic_write
+from histomil.features.store import FeatureBag
+from histomil.files import atomic_write
 
 EXPORT_LAYOUTS = ("clam", "trident", "stamp")
 #: The STAMP release whose feature-file layout :func:`write_stamp` writes (its readers refuse newer ones).

@@ -32,14 +32,8 @@ from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
 from histomil.features.shards import Shard
 from histomil.features.tile_encoder import fit_tile
-from histomil.features.store import (
-    FeatureBag,
-    atomic_write,
-    exclusive_output,
-    read_feature_bag,
-    remove_temp_leftovers,
-    write_feature_bag,
-)
+from histomil.features.store import FeatureBag, read_feature_bag, write_feature_bag
+from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CONTENT_DIGEST = "content_digest"  # feature file attribute: digest of the bag's tile names and bytes

@@ -338,7 +338,7 @@ def feature_files_any(folder: str | Path) -> list[Path]:
     (which keep the coordinates) are used, or ``pt_files`` when there are no h5 files. A folder that
     shards are still writing is refused (:func:`histomil.features.shards.check_complete`).
     """
-    from histomil.data.bags import natural_key
+    from histomil.files import natural_key
 
     folder = Path(folder)
     if not folder.is_dir():

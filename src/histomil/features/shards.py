@@ -31,7 +31,7 @@ from typing import TypeVar
 import filelock
 
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 
 T = TypeVar("T")
 PARTS_DIR = ".shards"

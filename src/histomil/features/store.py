@@ -16,22 +16,16 @@ A folder of such files, plus optional ``labels.csv`` / ``tiles.csv`` beside them
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import re
-import tempfile
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import filelock
 import h5py
 import numpy as np
 
 from histomil import __version__
-from histomil.errors import WRITE_ERRNOS, HistomilError, write_failure
+from histomil.errors import HistomilError
+from histomil.files import atomic_write
 
 
 @dataclass
@@ -54,86 +48,6 @@ class FeatureBag:
     def shape(self) -> tuple[int, ...]:
         """(tiles, feature dim); a lazy bag (:mod:`histomil.features.lazy`) answers without reading its file."""
         return tuple(self.features.shape)
-
-
-def atomic_path(final: Path) -> Path:
-    """A temporary path in the same folder as ``final``, for write-then-rename.
-
-    A folder that cannot take it (read-only, full, not ours) raises an OSError naming ``final``."""
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
-            raise
-        raise OSError(exc.errno, os.strerror(exc.errno), str(final)) from None
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs should read like any other file
-    return Path(tmp)
-
-
-@contextmanager
-def atomic_write(final: Path) -> Iterator[Path]:
-    """Write-then-rename: yields a temporary path beside ``final``, renamed over ``final`` when the
-    block succeeds and removed when it raises (interrupts included), so readers never see half a file.
-
-    A write that fails for want of space or permission, however the writer (Python, h5py, torch) says
-    so, is raised as an OSError naming ``final`` and the problem (:func:`histomil.errors.write_failure`)."""
-    tmp = atomic_path(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException as exc:
-        failure = write_failure(exc, final, tmp)  # before the unlink: a full disk frees space then
-        tmp.unlink(missing_ok=True)
-        if failure is not None:
-            raise failure from None
-        raise
-
-
-# mkstemp's names: "." + the final name + "." + 8 characters from [a-z0-9_] + ".tmp" (see atomic_path)
-_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_temp_leftovers(folder: Path, final_pattern: str, final_names: Collection[str] | None = None) -> list[Path]:
-    """Delete the temporary files :func:`atomic_path` made in ``folder`` for outputs named like
-    ``final_pattern`` (fnmatch, e.g. ``*.h5``) that a killed process left behind; returns them.
-    With ``final_names``, only those of outputs so named (a shard's own files, beside other shards').
-
-    Call it only while holding :func:`exclusive_output` on ``folder``: a live writer's temp file would
-    otherwise go too. Nothing else is touched: only names of exactly this temp shape match."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        match = _TEMP_NAME.match(path.name)
-        if final_names is not None and (not match or match["final"] not in final_names):
-            continue
-        if match and fnmatch.fnmatchcase(match["final"], final_pattern) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-@contextmanager
-def exclusive_output(folder: Path, step: str, lock_name: str = ".histomil.lock") -> Iterator[None]:
-    """Hold an exclusive lock on an output folder for one step (``lock_name``, released when the
-    process ends, even by kill -9): a second process writing there is refused in one line. Shards of
-    one sharded extraction each hold a lock of their own (:mod:`histomil.features.shards`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(folder / lock_name, timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise HistomilError(
-            f"{folder}: another histomil process is writing here ({step}); wait for it to finish or use another output folder"
-        ) from None
-    except OSError as exc:
-        raise HistomilError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def write_feature_bag(path: str | Path, bag: FeatureBag) -> None:

@@ -37,7 +37,7 @@ from histomil.reports.html_blocks import (
     plot_runs_training,
 )
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
-from histomil.reports.tables import write_bytes, write_text
+from histomil.files import write_bytes, write_text
 from histomil.reports.task_report import build_task_report, task_metrics_file
 
 Log = Callable[[str], None]

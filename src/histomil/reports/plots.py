@@ -27,7 +27,7 @@ from sklearn.metrics import (
 
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import check_binary_inputs
-from histomil.reports.tables import write_bytes
+from histomil.files import write_bytes
 
 DPI = 100
 

@@ -1,18 +1,12 @@
-"""Result tables (Markdown) and atomic writers for JSON and text reports."""
+"""Result tables in Markdown (the writers of report files are :mod:`histomil.files`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from histomil.errors import HistomilError
-from histomil.evaluation.metrics import sanitize
-from histomil.features.store import atomic_write
 
 DEFAULT_COLUMNS = ("n", "accuracy", "roc_auc", "pr_auc", "precision", "recall", "f1")
 
@@ -52,25 +46,3 @@ def metrics_markdown(
         for name, metrics in results.items()
     ]
     return "\n".join([header, sep, *rows]) + "\n"
-
-
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; a failure names the file in one line."""
-    path = Path(path)
-    try:
-        with atomic_write(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as e:
-        raise HistomilError(f"{path}: cannot write: {e.strerror or e}") from None
-    return path
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (NaN -> null, numpy -> Python) atomically; returns the path."""
-    text = json.dumps(sanitize(obj), indent=2, allow_nan=False) + "\n"
-    return write_bytes(path, text.encode("utf-8"))
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` as UTF-8 atomically; returns the path."""
-    return write_bytes(path, text.encode("utf-8"))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from histomil.errors import HistomilError
-from histomil.reports.tables import write_text
+from histomil.files import write_text
 
 HEADLINE = {
     "classification": ("accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc"),

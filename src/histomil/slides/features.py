@@ -42,7 +42,7 @@ import torch
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 from histomil.slides.reader import Slide, open_slide
 from histomil.slides.tiling import TilePlan, TilingSpec, plan_tiles, read_tile
 
@@ -75,7 +75,7 @@ def find_slides(paths: Sequence[str | Path]) -> list[Path]:
 
     Two slides with the same stem would write the same output file, so they are refused.
     """
-    from histomil.data.bags import natural_key
+    from histomil.files import natural_key
 
     out: list[Path] = []
     for p in (Path(p) for p in paths):

@@ -20,7 +20,7 @@ import torch
 
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
-from histomil.reports.tables import write_bytes
+from histomil.files import write_bytes
 from histomil.slides.class_heatmaps import write_class_heatmaps
 from histomil.slides.heatmap import SCALES, Log, Progress, Scale, bag_scores, write_slide_heatmap
 from histomil.slides.tiling import TilingSpec

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 
 #: TIFF tile side: a multiple of 16, as the TIFF standard requires.
 TIFF_TILE = 256

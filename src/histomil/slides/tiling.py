@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 from histomil.slides.reader import DOWNSAMPLE_TOLERANCE, Slide, open_slide
 from histomil.slides.tissue import TissueMethod, box_fractions, tissue_mask
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from histomil import __version__
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write
+from histomil.files import atomic_write
 
 FORMAT = "histomil-mil-checkpoint"
 FORMAT_VERSION = 1

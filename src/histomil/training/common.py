@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from histomil.devices import resolve_device  # noqa: F401  (the trainers' device, from one place)
 from histomil.errors import HistomilError
 from histomil.models.base import MILOutput
 from histomil.training.task_base import model_objectives

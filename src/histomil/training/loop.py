@@ -14,7 +14,7 @@ one training epoch, the validation metrics, and how to save the best model. The 
   ``run_training(..., resume=True)`` continues exactly where an interrupted run stopped and ends
   with the same result as an uninterrupted one; resuming refuses changed options, and starts afresh
   (with a one-line warning) when the data changed, feature values included.
-* One process trains in ``out_dir`` at a time (:func:`histomil.features.store.exclusive_output`); the
+* One process trains in ``out_dir`` at a time (:func:`histomil.files.exclusive_output`); the
   temp files a killed run left there are removed when the next one starts.
 * Early stopping: not before ``config.min_epochs``, after ``config.patience`` epochs without
   improvement. ``val_auc`` ties (common at 1.0) are broken by ``val_loss``.
@@ -47,8 +47,8 @@ from torch import nn
 
 from histomil.devices import device_record
 from histomil.errors import HistomilError
-from histomil.features.store import atomic_write, exclusive_output, remove_temp_leftovers
-from histomil.reports.tables import write_json
+from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers
+from histomil.files import write_json
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training import distributed
 from histomil.training.checkpoint_file import atomic_torch_save, read_checkpoint_dict

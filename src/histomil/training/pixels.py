@@ -53,7 +53,7 @@ from torch import nn
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
 from histomil.config import one_of
-from histomil.devices import to_device
+from histomil.devices import resolve_device, to_device
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
 from histomil.features.extract import tile_digests
@@ -72,7 +72,6 @@ from histomil.training.common import (
     labels,
     monitored_metric,
     parse_config,
-    resolve_device,
 )
 from histomil.training.loop import RESUMABLE_CHANGES, RunResult, Trainable, best_extra, run_training
 from histomil.training.pixel_data import TilePrep, TileTask, iter_bags

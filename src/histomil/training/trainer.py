@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from histomil.config import one_of
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.features.lazy import LazyFeatureBag, features_digest
 from histomil.features.store import FeatureBag
@@ -43,7 +44,6 @@ from histomil.training.common import (
     bag_loss,
     check_nonempty,
     parse_config,
-    resolve_device,
     takes_labels,
     torch_threads,
 )
