@@ -167,7 +167,7 @@ def test_crossval_writes_reports_and_per_fold_results(tiny):
             assert (fd / f"predictions_{s}.csv").is_file()
         # intermediate files go once the fold is done; what documents the fold stays
         assert not (fd / "features").exists() and not (fd / "model" / "last.pt").exists()
-        assert sorted(p.name for p in (fd / "bags" / "train").iterdir())[-2:] == ["labels.csv", "tiles.csv"]
+        assert sorted(p.name for p in (fd / "bags" / "train").iterdir())[-3:] == ["labels.csv", "targets.csv", "tiles.csv"]
         assert (fd / "bags" / "train" / "0").is_dir()  # bag folders stay unless prune_bags
     assert not (out / "seed_0" / "holdout" / "features").exists()
     assert any((out / "cache").rglob("shard-*.h5"))  # the shared tile cache stays
@@ -255,7 +255,7 @@ def test_resume_skips_finished_folds(tiny, tmp_path):
     assert sum("skipped" in ln for ln in lines) == 1
     assert history(run / "seed_0" / "fold_1" / "model" / "history.csv") == before
     bags = run / "seed_0" / "fold_1" / "bags"
-    assert sorted(p.name for p in (bags / "train").iterdir()) == ["labels.csv", "tiles.csv"]
+    assert sorted(p.name for p in (bags / "train").iterdir()) == ["labels.csv", "targets.csv", "tiles.csv"]
     assert (bags / "study.json").is_file() and (run / "seed_0" / "fold_0" / "bags" / "train" / "0").is_dir()
     # a pruned fold that has to be redone is composed again, identically
     (run / "seed_0" / "fold_1" / "metrics.json").unlink()

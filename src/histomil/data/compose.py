@@ -12,6 +12,8 @@ inflate test scores). On disk, per split, the original project's layout::
 
     out_dir/study.json                 the spec and what was drawn
     out_dir/<split>/labels.csv         case,y_true
+    out_dir/<split>/targets.csv        case,target: the bag's tumour fraction W / bag_size (0 for a negative bag),
+                                       the regression target (``train.task: regression``, data/targets.py)
     out_dir/<split>/tiles.csv          case,path,tile_label,source,patient
     out_dir/<split>/<case>/NN_<name>   tile NN of the bag (symlink, hardlink or copy of the source)
 
@@ -45,6 +47,7 @@ from histomil.errors import HistomilError
 
 STUDY_FORMAT = "histomil-study"
 STUDY_VERSION = 1
+TARGETS_CSV = "targets.csv"  # per split: case,target = the bag's tumour fraction
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,6 +70,11 @@ class _SplitPlan:
 def _n_positive(n: int, fraction: float) -> int:
     """round(n * fraction), halves rounded up (Python's round() would round 2.5 to 2)."""
     return math.floor(n * fraction + 0.5)
+
+
+def tumour_fraction(n_tumour: int, bag_size: int) -> str:
+    """A bag's tumour fraction W / bag_size as written to targets.csv (Python's shortest exact float text)."""
+    return repr(n_tumour / bag_size)
 
 
 def split_names(spec: StudySpec) -> list[str]:
@@ -286,6 +294,7 @@ def _compose_locked(
             tile_rows: list[list[Any]] = []
             used: set[int] = set()
             wit_drawn: list[int] = []
+            fractions: list[list[Any]] = []
             total = len(bags)
             if progress:
                 progress(plan.name, 0, total)
@@ -298,12 +307,15 @@ def _compose_locked(
                     _place(src, str(bag_dir / fname), spec.link)
                     tile_rows.append([case, f"{case}/{fname}", int(table.labels[row]), src, table.patients[row]])
                     used.add(row)
+                n_tumour = int(table.labels[rows].sum())
+                fractions.append([case, tumour_fraction(n_tumour, spec.bag_size)])
                 if y == 1:
-                    wit_drawn.append(int(table.labels[rows].sum()))
+                    wit_drawn.append(n_tumour)
                 if progress:
                     progress(plan.name, case + 1, total)
             _write_csv(split_dir / "labels.csv", ["case", "y_true"], [[c, y] for c, y in enumerate(labels.tolist())])
             _write_csv(split_dir / "tiles.csv", ["case", "path", "tile_label", "source", "patient"], tile_rows)
+            _write_csv(split_dir / TARGETS_CSV, ["case", "target"], fractions)
             n_pos = int(labels.sum())
             study["splits"].append(
                 {

@@ -270,9 +270,9 @@ def _write_bags(
 
 
 def copy_sidecars(src_dir: Path, out_dir: Path) -> None:
-    """Copy a bag folder's labels and tile-truth CSVs beside its feature files (atomically: a reader
-    never sees half a labels.csv)."""
-    for name in ("labels.csv", "df.csv", "tiles.csv"):
+    """Copy a bag folder's labels, regression targets (targets.csv: a composed study's tumour fractions)
+    and tile-truth CSVs beside its feature files (atomically: a reader never sees half a labels.csv)."""
+    for name in ("labels.csv", "df.csv", "targets.csv", "tiles.csv"):
         if (src_dir / name).is_file():
             with atomic_write(out_dir / ("labels.csv" if name == "df.csv" else name)) as tmp:
                 shutil.copyfile(src_dir / name, tmp)
