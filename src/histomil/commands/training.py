@@ -48,12 +48,13 @@ def train_cmd(
     """Train a MIL model on cached features, with early stopping and a resumable run folder.
 
     Feature folders of any layout (histomil, CLAM h5_files/pt_files, TRIDENT, STAMP), labelled by a
-    labels.csv (case,y_true) beside the files (or a histomil file's own label).
+    labels.csv (case,y_true) beside the files (or a histomil file's own label); --task regression / survival
+    read targets.csv instead. --stream applies to every task.
 
     Under ``torchrun --nproc-per-node N -m histomil train ...`` the N processes train one model with
     DistributedDataParallel (gloo on CPU, nccl on CUDA), each on 1/N of every epoch's bags; rank 0
     writes the run folder."""
-    from histomil.features.lazy import read_training_folder
+    from histomil.data.targets import read_task_training_folder
     from histomil.features.validate import training_encoder_info
     from histomil.training.distributed import distributed_session
     from histomil.training.trainer import train
@@ -62,13 +63,9 @@ def train_cmd(
                         patience=patience, min_epochs=min_epochs, seed=seed, device=device, task=task, loss=loss)
     resolve_device(cfg.device)  # a GPU asked for and absent: refused before the features are read
     with distributed_session(resolve_device(cfg.device)) as world:  # one process unless under torchrun
-        if cfg.task == "classification":
-            train_bags = read_training_folder(train_features, stream, processes=world.world_size)
-            val_bags = read_training_folder(val, stream, processes=world.world_size)
-        else:  # bags with continuous targets are read into memory (streaming reads class labels only)
-            from histomil.data.targets import load_task_bags
-
-            train_bags, val_bags = (load_task_bags(f, cfg.task, targets) for f in (train_features, val))
+        # classes from labels.csv, or regression / survival targets from targets.csv: streamed alike
+        train_bags, val_bags = (read_task_training_folder(f, cfg.task, targets, stream, processes=world.world_size)
+                                for f in (train_features, val))
         encoder_info = training_encoder_info([*train_bags, *val_bags])
         with progress_bars() as progress:
             result = train(train_bags, val_bags, cfg, out, encoder_info=encoder_info,

@@ -7,7 +7,9 @@ Classification bags carry a class (``labels.csv``: ``case,y_true``). Other tasks
 * survival: ``case,time,event`` (follow-up time and 1 = event observed, 0 = censored).
 
 A histomil feature file may also store its target (``FeatureBag.target``); the CSV must then agree.
-:func:`load_task_bags` is what the commands use: the bags of a folder with the targets their task needs.
+:func:`load_task_bags` is what the commands use: the bags of a folder with the targets their task needs;
+:func:`read_task_training_folder` is its training form, which may keep the bags in their files
+(:mod:`histomil.features.lazy`) with the same targets and the same checks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.features.formats import feature_files_any, load_features_folder
+from histomil.features.lazy import fits_in_memory, lazy_features_folder, read_training_folder
 from histomil.features.store import FeatureBag
 
 TARGET_FILE = "targets.csv"
@@ -84,10 +87,24 @@ def load_task_bags(
     A ``targets_csv`` given may list the cases of other folders too (one table for train and val)."""
     if task == "classification":
         return load_features_folder(folder, require_labels=require)
+    check_target_task(task)
+    return with_folder_targets(load_features_folder(folder, require_labels=False), folder, task, targets_csv,
+                               columns, require)
+
+
+def check_target_task(task: str) -> None:
+    """Refuse a task that has no targets table (one error line naming the tasks)."""
     if task not in TARGET_COLUMNS:
         raise HistomilError(f"unknown task {task!r}; use classification, regression or survival")
+
+
+def with_folder_targets(
+    bags: list[FeatureBag], folder: str | Path, task: str, targets_csv: str | Path | None = None,
+    columns: Sequence[str] | None = None, require: bool = True,
+) -> list[FeatureBag]:
+    """The bags just read from ``folder`` (in memory or lazy: only ids and stored targets are used) with
+    ``task``'s targets, found and checked as :func:`load_task_bags` does."""
     columns = tuple(c.lower() for c in (columns or TARGET_COLUMNS[task]))
-    bags = load_features_folder(folder, require_labels=False)
     shared = targets_csv is not None
     if targets_csv is None:
         folder = Path(folder)
@@ -96,6 +113,27 @@ def load_task_bags(
     if targets_csv is not None:
         return attach_targets(bags, Path(targets_csv), columns, require, shared=shared)
     return _check_all(bags, Path(folder) / TARGET_FILE, require)
+
+
+def read_task_training_folder(
+    folder: str | Path, task: str = "classification", targets_csv: str | Path | None = None,
+    stream: str = "auto", processes: int = 1,
+) -> list[FeatureBag]:
+    """The training bags of a feature folder for ``task``, read as
+    :func:`histomil.features.lazy.read_training_folder` reads them (``stream`` off: in memory; on: lazy,
+    only the bags being trained on in memory; auto: lazy, loaded when ``processes`` copies fit in memory), with the
+    targets and checks of :func:`load_task_bags` (a regression / survival target travels on the lazy bag)."""
+    if task == "classification":
+        return read_training_folder(folder, stream, processes=processes)
+    check_target_task(task)
+    if stream not in ("auto", "on", "off"):
+        raise HistomilError(f"stream must be auto, on or off, not {stream!r}")
+    if stream == "off":
+        return load_task_bags(folder, task, targets_csv)
+    bags = with_folder_targets(lazy_features_folder(folder, require_labels=False), folder, task, targets_csv)  # type: ignore[arg-type]
+    if stream == "auto" and fits_in_memory(bags, processes):
+        return [b.load() for b in bags]  # type: ignore[attr-defined]
+    return bags
 
 
 def _check_all(bags: list[FeatureBag], where: Path, require: bool) -> list[FeatureBag]:

@@ -114,7 +114,7 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
         bags = {r: with_targets(source.bags(ps), surv.target) for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
         train_cfg = cfg.train.model_copy(update={"seed": seed})
         most = max(len(b) for b in bags["train"])
-        mb = batch_memory_bytes(train_cfg.batch_size, most, bags["train"][0].features.shape[1]) / 2**20
+        mb = batch_memory_bytes(train_cfg.batch_size, most, bags["train"][0].shape[1]) / 2**20
         log(f"{name}: {train_cfg.batch_size} patients per step (largest bag {most} tiles: about {mb:.0f} MB of activations)")
         result, model, task = train_fold(train_cfg, bags["train"], bags["val"], fold_dir, name, progress)
         state["last"] = result.last_path

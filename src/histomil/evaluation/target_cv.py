@@ -11,6 +11,7 @@ Classification (:mod:`.cohort_cv`) reads its classes from the cohort itself and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.splitting import check_no_leak, roles_of
+from histomil.features.lazy import LazyFeatureBag
 from histomil.features.store import FeatureBag
 from histomil.features.validate import training_encoder_info
 
@@ -83,8 +85,18 @@ def patient_numbers(cohort: Cohort, table: str | Path, column: str, spec: Number
 
 
 def with_targets(bags: Sequence[FeatureBag], target_of: Callable[[str], tuple[float, ...]]) -> list[FeatureBag]:
-    """The bags (features shared, not copied) with their patient's target ``target_of(patient)``."""
-    return [dataclasses.replace(b, target=target_of(str(b.attrs.get("patient", b.bag_id)))) for b in bags]
+    """The bags (features shared, not copied) with their patient's target ``target_of(patient)``; a streamed
+    bag (:class:`~histomil.features.lazy.LazyFeatureBag`) stays in its files, its copy carrying the target."""
+    out: list[FeatureBag] = []
+    for b in bags:
+        target = target_of(str(b.attrs.get("patient", b.bag_id)))
+        if isinstance(b, LazyFeatureBag):  # dataclasses.replace would read the features and cannot rebuild it
+            lazy = copy.copy(b)
+            lazy.target = target
+            out.append(lazy)
+        else:
+            out.append(dataclasses.replace(b, target=target))
+    return out
 
 
 def fold_roles(assignment: Mapping[str, str], holdout: set[str], name: str, log: Log) -> tuple[dict[str, set[str]], list[str], list[str], list[str]]:

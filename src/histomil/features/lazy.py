@@ -112,6 +112,8 @@ class LazyCombinedBag(LazyFeatureBag):
     def load(self) -> FeatureBag:
         bag = self.combine([p.load() for p in self.parts])
         bag.bag_id, bag.label, bag.attrs = self.bag_id, self.label, self.attrs
+        if self.target is not None:  # a patient's regression / survival target (evaluation/target_cv.with_targets)
+            bag.target = self.target
         return bag
 
     def __repr__(self) -> str:
