@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy.stats import spearmanr
-from tiny_runs import FAST_ENCODER
+from tiny_runs import FAST_ENCODER, TINY_CROSSVAL
 from typer.testing import CliRunner
 
 from histomil.cli import app
@@ -83,3 +84,110 @@ def test_regression_model_predicts_the_tumour_fraction(cli_study: Path):
     # mean prediction rises with W: (0, 2, 8) gave e.g. (0.08, 0.30, 0.56); the closest pair was 0.09 apart
     w, pred = np.array(w), np.array(pred)
     assert pred[w == 8].mean() > pred[w == 2].mean() > pred[w == 0].mean()
+
+
+# ------------------------------------------------------------------------------ histomil run / crossval CONFIG
+
+REGRESSION_STUDY = {
+    "bag_size": 10, "train_bags": 40, "val_bags": 12, "test_bags": 12,
+    "train_witnesses": [1, 9], "val_witnesses": [1, 9], "test_witnesses": [8, 2],
+}
+REGRESSION_TRAIN = {"task": "regression", "loss": "huber", "epochs": 6, "min_epochs": 2, "lr": 0.001}
+
+
+def _run_config(path: Path, **update: object) -> Path:
+    data = {"tiles": str(example_tile_table()), "columns": {"split": "split"}, "study": {**REGRESSION_STUDY, "seed": 0},
+            "features": {"encoder": FAST_ENCODER, "precision": "fp32", "workers": 0}, "train": REGRESSION_TRAIN, **update}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _crossval_config(path: Path, **update: object) -> Path:
+    # TINY_CROSSVAL's study (W 1-5: a fold's validation patients hold few tumour tiles), less its threshold (a
+    # classification setting, refused with a regression)
+    data = {k: v for k, v in TINY_CROSSVAL.items() if k != "threshold"}
+    data.update({"tiles": str(example_tile_table()), "train": REGRESSION_TRAIN, **update})
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_run_config_trains_a_regression_without_threshold(tmp_path: Path):
+    from histomil.training.checkpoint import read_checkpoint_dict
+
+    cfg_path = _run_config(tmp_path / "run.yaml")
+    output = _cli("run", cfg_path, "--out", tmp_path / "run")
+    assert "| test_10_8 | 12 |" in output and "spearman" in output  # the regression table, not the binary one
+    ev = tmp_path / "run" / "evaluation"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert metrics["task"]["name"] == "regression" and metrics["task"]["loss"] == "huber"
+    assert set(metrics["results"]) == {"test_10_8", "test_10_2"}
+    for name, m in metrics["results"].items():
+        assert set(m) >= {"mae", "rmse", "r2", "pearson", "spearman"} and m["n"] == 12
+        assert m["mae"]["low"] <= m["mae"]["value"] <= m["mae"]["high"]
+        rows = _rows(ev / f"predictions_{name}.csv")
+        assert list(rows[0]) == ["bag_id", "target", "prediction"] and len(rows) == 12
+    assert (ev / "metrics.md").read_text().startswith("| test set | n | mae |")
+    extra = read_checkpoint_dict(tmp_path / "run" / "model" / "model.pt").get("extra", {})
+    assert "threshold" not in extra  # nothing was fitted on the validation bags
+    _cli("report", tmp_path / "run")  # the regression report of its evaluation
+    assert (tmp_path / "run" / "report.html").is_file()
+    # resumed with the same settings: nothing recomputed; a changed task or loss is refused by name
+    _cli("run", cfg_path, "--out", tmp_path / "run")
+    result = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "run"), "--set", "train.loss=mse"])
+    assert result.exit_code != 0 and "train.loss changed" in result.output and "Traceback" not in result.output
+
+
+def test_regression_settings_that_do_not_apply_are_refused_in_one_line(tmp_path: Path):
+    cases = [
+        (_run_config(tmp_path / "a.yaml", threshold=0.4), "threshold applies to classification only"),
+        (_run_config(tmp_path / "b.yaml", ensemble_seeds=2), "ensemble_seeds averages class probabilities"),
+        (_run_config(tmp_path / "c.yaml", train={**REGRESSION_TRAIN, "task": "survival", "loss": None, "batch_size": 4}),
+         "does not apply to a composed study"),
+    ]
+    for cfg_path, message in cases:
+        result = CliRunner().invoke(app, ["run", str(cfg_path), "--out", str(tmp_path / "never")])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and not (tmp_path / "never").exists()
+    cv = _crossval_config(tmp_path / "cv.yaml", threshold={"rule": "youden"})
+    result = CliRunner().invoke(app, ["crossval", str(cv), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and "threshold applies to classification only" in result.output
+
+
+def test_crossval_config_regression_per_fold_and_over_runs(tmp_path: Path):
+    cfg_path = _crossval_config(tmp_path / "cv.yaml")
+    out = tmp_path / "cv"
+    output = _cli("crossval", cfg_path, "--out", out)
+    assert "| test_10_5 | 2 |" in output and "± " in output
+    summary = json.loads((out / "crossval.json").read_text())
+    assert summary["task"] == "regression" and summary["n_runs"] == 2 and "threshold" not in summary
+    sets = ["test_10_5", "test_10_1", "holdout_10_5", "holdout_10_1"]
+    assert list(summary["test_sets"]) == sets
+    records = [json.loads((out / "seed_0" / f"fold_{f}" / "metrics.json").read_text()) for f in (0, 1)]
+    for name in sets:
+        s = summary["test_sets"][name]
+        assert s["n_bags_pooled"] == 2 * 8
+        for m in ("mae", "rmse", "r2", "pearson", "spearman"):
+            vals = [r["test_sets"][name][m] for r in records]
+            assert s["metrics"][m]["mean"] == pytest.approx(np.mean(vals))
+            assert s["metrics"][m]["std"] == pytest.approx(np.std(vals, ddof=1))
+            pooled = s["metrics"][m]["pooled"]
+            assert pooled["low"] <= pooled["value"] <= pooled["high"]
+    for f, rec in enumerate(records):
+        fd = out / "seed_0" / f"fold_{f}"
+        assert rec["task"] == "regression" and "threshold" not in rec and set(rec["val"]) >= {"mae", "spearman"}
+        for name in ["val", *sets]:
+            rows = _rows(fd / f"predictions_{name}.csv")
+            assert list(rows[0]) == ["bag_id", "target", "prediction"]
+        # the targets scored are the composed bags' tumour fractions
+        truth = {r["case"]: r["target"] for r in _rows(fd / "bags" / "test_10_5" / "targets.csv")}
+        assert {r["bag_id"]: r["target"] for r in _rows(fd / "predictions_test_10_5.csv")} == truth
+        assert sorted(set(truth.values())) == ["0.0", "0.5"]
+    assert (out / "scatter.png").stat().st_size > 5000 and "pooled" in (out / "crossval.md").read_text()
+    result = CliRunner().invoke(app, ["report", str(out)])  # the HTML report shows classifiers: one line
+    assert result.exit_code == 2 and "regression cross-validation" in result.output and "Traceback" not in result.output
+    # resume: finished folds are skipped and give the same summary; a changed loss is refused
+    again = _cli("crossval", cfg_path, "--out", out)
+    assert again.count("finished earlier, skipped") == 2
+    assert json.loads((out / "crossval.json").read_text())["test_sets"] == summary["test_sets"]
+    result = CliRunner().invoke(app, ["crossval", str(cfg_path), "--out", str(out), "--set", "train.loss=mse"])
+    assert result.exit_code == 2 and "train.loss changed" in result.output

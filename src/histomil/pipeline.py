@@ -4,6 +4,8 @@ The whole run is described by a :class:`StudyRunConfig` (YAML or JSON; unknown k
 and every step records its wall time in ``timings.json`` so the README's numbers can be regenerated.
 Steps whose outputs already exist and were made from the same inputs and settings are reused, so a
 stopped run can simply be started again; a run folder is never resumed with other settings.
+With ``train.task: regression`` the model predicts each bag's tumour fraction (the study's targets.csv,
+:mod:`histomil.evaluation.study_regression`) and no threshold is fitted.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import TileTable, read_tile_table
 from histomil.devices import check_device_name, resolve_device
 from histomil.errors import HistomilError
+from histomil.evaluation.study_regression import check_study_task, load_study_bags
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder, check_encoder_name
 from histomil.features.extract import copy_sidecars, extract_bags
 from histomil.features import shards
-from histomil.features.formats import load_feature_dataset
 from histomil.features.runtimes import with_runtime
 from histomil.features.shards import Shard
 from histomil.files import exclusive_output, remove_temp_leftovers
@@ -88,7 +90,8 @@ class StudyRunConfig(_Strict):
     features: FeatureConfig = FeatureConfig()
     train: TrainConfig = TrainConfig()
     # the decision threshold: a number (fixed), or {rule: youden} / {rule: sensitivity, value: 0.9}
-    # chosen on the validation bags only; either way it is stored in model.pt and applied to every test set
+    # chosen on the validation bags only; either way it is stored in model.pt and applied to every test set.
+    # Classification only: with train.task regression (the bag's tumour fraction) there is none
     threshold: float | ThresholdConfig = 0.5
     # how many models to train (seeds train.seed, train.seed + 1, ...); more than one: the model is the
     # mean of their probabilities (a seed ensemble), which removes the single-seed knife edge on new
@@ -111,6 +114,7 @@ class StudyRunConfig(_Strict):
                                  + (" (the threshold and early stopping need validation bags)" if key == "val_bags" else ""))
         if not self.study.test_witnesses:
             raise ValueError("study.test_witnesses must list at least one W: each is a test set")
+        check_study_task(self.train.task, "threshold" in self.model_fields_set, self.ensemble_seeds)
         return self
 
     def threshold_rule(self) -> ThresholdConfig:
@@ -261,8 +265,8 @@ def _run_study(
     tests = {n: feat_dir / n for n in names if n.startswith("test")}
 
     def fit() -> object:
-        train_bags = load_feature_dataset(feat_dir / "train", require_labels=True)
-        val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
+        task = cfg.train.task  # classification: the bag's class; regression: its tumour fraction (targets.csv)
+        train_bags, val_bags = (load_study_bags(feat_dir / split, task) for split in ("train", "val"))
         encoder_info = dict(train_bags[0].attrs)  # encoder, resolved precision and hardware (from extraction)
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), cfg.train.epochs)) if progress else None
         if cfg.ensemble_seeds == 1:
@@ -276,6 +280,8 @@ def _run_study(
                 members.append(train(train_bags, val_bags, member_cfg, run_dir / f"seed-{seed}", encoder_info=encoder_info,
                                      on_epoch=on_epoch, resume=True).model_path)
             model_path = combine_checkpoints(members, run_dir / "model.pt")
+        if task != "classification":  # a value is predicted, not a class: no threshold
+            return model_path
         threshold, _ = fit_threshold(model_path, val_bags, cfg.threshold_rule())  # validation bags only
         log(f"decision threshold {threshold:.4g} ({describe_rule(cfg.threshold_rule().rule, cfg.threshold_rule().value)})")
         return model_path

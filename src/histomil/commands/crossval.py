@@ -104,7 +104,7 @@ def crossval_cmd(
 
 
 def _tile_study(config: Path, out: Path, overrides: dict[str, Any]) -> None:
-    from histomil.evaluation.protocol import crossval_markdown, load_crossval_config, run_crossval
+    from histomil.evaluation.protocol import crossval_report, load_crossval_config, run_crossval
     from histomil.training.distributed import world
 
     if world().distributed:
@@ -114,7 +114,7 @@ def _tile_study(config: Path, out: Path, overrides: dict[str, Any]) -> None:
     cfg = load_crossval_config(config, overrides)
     with progress_bars() as progress:
         summary = run_crossval(cfg, out, log=log, progress=progress)
-    show_result(crossval_markdown(summary))
+    show_result(crossval_report(summary))
     show_result(f"wall time {summary['wall_seconds']:.0f} s; reports, plots and per-fold results in {out}")
 
 

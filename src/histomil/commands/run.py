@@ -35,7 +35,10 @@ def run_and_print(cfg: "StudyRunConfig", out: Path) -> None:
 
     with progress_bars() as progress:
         results = run_study(cfg, out, log=log, progress=progress)
-    show_result(metrics_markdown(results))
+    if cfg.train.task == "classification":
+        show_result(metrics_markdown(results))
+    else:  # a regression's table (MAE, RMSE, R², Pearson, Spearman), as written beside its metrics.json
+        show_result((out / "evaluation" / "metrics.md").read_text())
     timings = json.loads((out / "timings.json").read_text())
     show_result("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     show_result(f"results in {out / 'evaluation'}")

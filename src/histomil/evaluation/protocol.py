@@ -29,6 +29,10 @@ An optional held-out test set is taken out before the folds are made: the patien
 ``test`` in the tile table's split column (``columns.split``), or ``holdout_fraction`` of the
 patients. Every fold's model is evaluated on it; it never takes part in training or threshold
 choice.
+
+With ``train.task: regression`` the model predicts each bag's tumour fraction W / bag_size instead of its
+class (:mod:`.study_regression`): no threshold is chosen, each test set is scored by MAE, RMSE, R²,
+Pearson and Spearman, and the summary gives their mean ± sd over runs and pooled values.
 """
 
 from __future__ import annotations
@@ -66,9 +70,16 @@ from histomil.evaluation.splitting import (
     roles_of,
     subset_table,
 )
+from histomil.evaluation.study_regression import (
+    check_study_task,
+    fold_line,
+    load_study_bags,
+    regression_crossval_markdown,
+    regression_fold,
+    summarize_regression,
+)
 from histomil.evaluation.study_source import StudySource, composed_patients, prune_bags
 from histomil.evaluation.threshold import RULES, ThresholdConfig, fit_threshold
-from histomil.features.formats import load_feature_dataset
 from histomil.hardware import run_environment
 from histomil.pipeline import FeatureConfig, TileColumns
 from histomil.reports.plots import plot_training_curves
@@ -139,6 +150,7 @@ class CrossValConfig(_Strict):
             raise ValueError("study.val_bags must be at least 2: the threshold and early stopping need validation bags")
         if self.study.train_bags < 1 or self.study.test_bags < 1:
             raise ValueError("study.train_bags and study.test_bags must be at least 1")
+        check_study_task(self.train.task, "threshold" in self.model_fields_set)
         return self
 
 
@@ -214,8 +226,7 @@ def _run_fold(
         timings["extract"] = round(time.perf_counter() - t0, 2)
 
         t0 = time.perf_counter()
-        train_bags = load_feature_dataset(feat_dir / "train", require_labels=True)
-        val_bags = load_feature_dataset(feat_dir / "val", require_labels=True)
+        train_bags, val_bags = (load_study_bags(feat_dir / split, cfg.train.task) for split in ("train", "val"))
         train_cfg = cfg.train.model_copy(update={"seed": seed})
         progress = source.progress
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), train_cfg.epochs)) if progress else None
@@ -228,6 +239,17 @@ def _run_fold(
         del train_bags
 
         t0 = time.perf_counter()
+        test_sets = {n: feat_dir / n for n in (s["name"] for s in read_study(bags_dir)["splits"]) if n.startswith("test")}
+        test_sets.update(holdout_sets)
+        if cfg.train.task == "regression":  # the tumour fraction: no threshold
+            val, results = regression_fold(result.model_path, val_bags, test_sets, fold_dir, source.bootstrap_resamples,
+                                           boot_seed=seed * 1000 + fold)
+            timings["evaluate"] = round(time.perf_counter() - t0, 2)
+            _curves(source, result, fold_dir, f"seed {seed} fold {fold}")
+            state["line"] = f"seed {seed} fold {fold}: {fold_line(results)}"
+            return {"seed": seed, "fold": fold, "patients": {r: sorted(ps) for r, ps in roles.items()}, "task": "regression",
+                    "val": val, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
+                    "test_sets": results, "timings": timings}
         y_val = np.array([int(b.label) for b in val_bags], dtype=np.int64)  # type: ignore[arg-type]
         try:  # chosen on validation only and recorded in the checkpoint ('histomil evaluate' uses it too)
             threshold, p_val = fit_threshold(result.model_path, val_bags, cfg.threshold)
@@ -235,19 +257,13 @@ def _run_fold(
             raise HistomilError(f"{feat_dir / 'val'}: {exc}") from None
         write_predictions(fold_dir / "predictions_val.csv", [b.bag_id for b in val_bags], y_val, p_val, threshold)
         model, _ = load_checkpoint(result.model_path)
-
-        test_sets = {n: feat_dir / n for n in (s["name"] for s in read_study(bags_dir)["splits"]) if n.startswith("test")}
-        test_sets.update(holdout_sets)
         results: dict[str, Any] = {}
         for name, folder in test_sets.items():
             results[name], _, _ = source.evaluate_set(
                 model, folder, threshold, fold_dir / f"predictions_{name}.csv", boot_seed=seed * 1000 + fold
             )
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
-        try:
-            plot_training_curves(result.history_path, fold_dir / "training_curves.png", best_epoch=result.best_epoch)
-        except HistomilError as exc:  # a figure is not worth failing the fold for
-            source.log(f"seed {seed} fold {fold}: no training curves ({exc})")
+        _curves(source, result, fold_dir, f"seed {seed} fold {fold}")
         first = next(iter(results))
         state["line"] = (
             f"seed {seed} fold {fold}: threshold {threshold:.3f} (on validation); {first}: ROC-AUC"
@@ -277,6 +293,14 @@ def _run_fold(
         source.log(state["line"])
 
     return run_fold(fold_dir, f"seed {seed} fold {fold}", work, source.log, after)
+
+
+def _curves(source: StudySource, result: Any, fold_dir: Path, where: str) -> None:
+    """The fold's training curves (a figure is not worth failing the fold for)."""
+    try:
+        plot_training_curves(result.history_path, fold_dir / "training_curves.png", best_epoch=result.best_epoch)
+    except HistomilError as exc:
+        source.log(f"{where}: no training curves ({exc})")
 
 
 def run_crossval(
@@ -327,7 +351,7 @@ def run_crossval(
     summary = aggregate(cfg, out, records, n_patients=len(set(table.patients)), n_holdout=len(holdout))
     summary["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     write_json(out / "crossval.json", summary)
-    write_text(out / "crossval.md", crossval_markdown(summary))
+    write_text(out / "crossval.md", crossval_report(summary))
     log(f"cross-validation reports written to {out / 'crossval.md'}")
     return summary
 
@@ -341,11 +365,15 @@ def aggregate(
     cfg: CrossValConfig, out: Path, records: Sequence[Mapping[str, Any]], n_patients: int = 0, n_holdout: int = 0
 ) -> dict[str, Any]:
     """Combine the fold records per test set (:func:`~.cv_summary.summarize_folds`): mean/std over runs,
-    bootstrap CIs, ECE, plots; with the tile table, folds, seeds and patient counts."""
-    summary = summarize_folds(
-        records, lambda r, name: _seed_dir(out, r["seed"]) / f"fold_{r['fold']}" / f"predictions_{name}.csv",
-        out, cfg.threshold, cfg.bootstrap_resamples, cfg.calibration_bins,
-    )
+    bootstrap CIs, ECE, plots; with the tile table, folds, seeds and patient counts. A regression: mean ± sd
+    and pooled regression metrics (:func:`~.study_regression.summarize_regression`)."""
+    def predictions(r: Mapping[str, Any], name: str) -> Path:
+        return _seed_dir(out, r["seed"]) / f"fold_{r['fold']}" / f"predictions_{name}.csv"
+
+    if cfg.train.task == "regression":
+        summary = summarize_regression(records, predictions, out, cfg.bootstrap_resamples)
+    else:
+        summary = summarize_folds(records, predictions, out, cfg.threshold, cfg.bootstrap_resamples, cfg.calibration_bins)
     return {
         "format": "histomil-crossval",
         "tile_table": str(cfg.tiles),
@@ -356,6 +384,13 @@ def aggregate(
         "n_holdout_patients": n_holdout,
         **summary,
     }
+
+
+def crossval_report(summary: Mapping[str, Any]) -> str:
+    """crossval.md of a summary: :func:`~.cv_summary.crossval_markdown`, or the regression table."""
+    if summary.get("task") == "regression":
+        return regression_crossval_markdown(summary)
+    return crossval_markdown(summary)
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -371,6 +406,7 @@ __all__ = [
     "check_no_leak",
     "composed_patients",
     "crossval_markdown",
+    "crossval_report",
     "holdout_patients",
     "load_crossval_config",
     "patient_folds",

@@ -480,6 +480,9 @@ def build_report(
     recorded = str((recorded.get("name") if isinstance(recorded, dict) else recorded) or "classification")
     if task is not None and task != recorded:
         raise HistomilError(f"{run}: a {recorded} run, not {task}")
+    if kind == "crossval" and recorded == "regression":  # a tile study's tumour fraction (evaluation/study_regression.py)
+        raise HistomilError(f"{run}: a regression cross-validation; its report is crossval.md with scatter.png "
+                            "(the HTML cross-validation report shows classifiers)")
     if max_bags < 0 or max_tiles < 1:
         raise HistomilError(f"--max-bags must be >= 0 and --max-tiles >= 1 (got {max_bags}, {max_tiles})")
     log = log or (lambda _m: None)
