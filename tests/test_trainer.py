@@ -130,6 +130,10 @@ def test_resume_refuses_changed_options_and_missing_state(toy, tmp_path):
     assert no_seconds(fresh.history) == no_seconds(more.history)
     again = train(train_bags[:10], val_bags[:6], cfg(epochs=2), tmp_path / "new", resume=True)  # finished: no-op
     assert again.history == fresh.history
+    state = torch.load(tmp_path / "new" / "last.pt", weights_only=False)
+    torch.save({**state, "ranks": 2}, tmp_path / "new" / "last.pt")  # as a run of 2 torchrun processes records
+    with pytest.raises(HistomilError, match=r"cannot resume, the run was trained by 2 process\(es\) and this is 1"):
+        train(train_bags[:10], val_bags[:6], cfg(epochs=3), tmp_path / "new", resume=True)
     (tmp_path / "new" / "last.pt").write_bytes(b"garbage")
     with pytest.raises(HistomilError, match="last.pt: not a readable training state"):
         train(train_bags[:10], val_bags[:6], cfg(epochs=3), tmp_path / "new", resume=True)

@@ -47,8 +47,7 @@ from torch import nn
 
 from histomil.devices import device_record
 from histomil.errors import HistomilError
-from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers
-from histomil.files import write_json
+from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers, write_json
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training import distributed
 from histomil.training.checkpoint_file import atomic_torch_save, read_checkpoint_dict
@@ -177,6 +176,9 @@ def run_training(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"model": out_dir / "model.pt", "last": out_dir / "last.pt", "history": out_dir / "history.csv"}
     identity = {"fingerprint": fingerprint, **(checks or {}), "n_classes": int(n_classes), "monitor": monitor}
+    ranks = distributed.world().world_size if distributed.active() else 1
+    if ranks > 1:  # recorded in last.pt; a single-process run records none (as before torchrun existed)
+        identity["ranks"] = ranks
 
     main = distributed.is_main()  # under torchrun only rank 0 writes
     with exclusive_output(out_dir, "training") if main else nullcontext(), seeded(device, config.seed, config.threads):
@@ -340,6 +342,13 @@ def restore_state(
     data = read_checkpoint_dict(path, what="training state to resume from")
     if data.get("format") != STATE_FORMAT:
         raise HistomilError(f"{path}: not a histomil training state (last.pt)")
+    before, ranks = int(data.get("ranks", 1)), int(identity.get("ranks", 1))
+    if before != ranks:  # every process takes its share of each step: another count changes the steps
+        raise HistomilError(
+            f"{path}: cannot resume, the run was trained by {before} process(es) and this is {ranks} (each "
+            f"process takes its share of every step); resume it with {before} (torchrun --nproc-per-node "
+            f"{before}), or start afresh in another --out (train-pixels: --no-resume)"
+        )
     saved = data["config"]
     now = config.model_dump(mode="json")
     # an option the run's histomil did not have yet: the run used its default

@@ -62,7 +62,7 @@ from histomil.models.original import ConcatAttentionHead, OriginalTileCNN
 from histomil.models.registry import build_model, model_names
 from histomil.runtime import flush_denormals, keep_freed_memory
 from histomil.training import distributed
-from histomil.training.checkpoint_file import read_checkpoint_dict, save_checkpoint
+from histomil.training.checkpoint_file import save_checkpoint
 from histomil.training.common import (
     auc,
     bag_loss,
@@ -253,9 +253,6 @@ def train_pixels(
     input_size = config.input_size or _native_size(train_bags[0])
     # the precision actually used is what the run records (history, checkpoints, last.pt)
     config = config.model_copy(update={"input_size": input_size, "precision": resolve_precision(config.precision, device)})
-    ranks = distributed.world().world_size if distributed.active() else 1
-    if resume:
-        _check_resumed_ranks(Path(out_dir) / "last.pt", ranks)
 
     def build() -> Trainable:  # called with torch's RNG seeded from config.seed
         model = build_pixel_model(config, n_classes, input_size).to(device)
@@ -285,7 +282,7 @@ def train_pixels(
         )
 
     run = run_training(build, config, out_dir, device=device, monitor=monitor, n_classes=n_classes,
-                       fingerprint=_fingerprint(train_bags, val_bags), checks={"ranks": ranks} if ranks > 1 else None,
+                       fingerprint=_fingerprint(train_bags, val_bags),
                        resumable_changes=PIXEL_RESUMABLE_CHANGES, resume=resume, on_epoch=on_epoch)
     return PixelTrainResult(**vars(run), config=config)
 
@@ -441,23 +438,6 @@ def _fingerprint(train_bags: Sequence[Bag], val_bags: Sequence[Bag]) -> str:
             tiles = "|".join(f"{Path(p).name}:{digests[str(p)]}" for p in b.tile_paths)
             h.update(f"{split}|{b.bag_id}|{b.label}|{len(b.tile_paths)}|{tiles}\n".encode())
     return h.hexdigest()
-
-
-def _check_resumed_ranks(last: Path, ranks: int) -> None:
-    """A run resumes under the number of processes it started with: each step takes bags_per_step bags
-    per rank, so another count would change the steps (and the results) from then on."""
-    if not last.is_file():
-        return
-    try:
-        before = int(read_checkpoint_dict(last, what="training state to resume from").get("ranks", 1))
-    except HistomilError:
-        return  # an unreadable or foreign last.pt is reported by the resume itself
-    if before != ranks:
-        raise HistomilError(
-            f"{last}: cannot resume, the run was trained by {before} process(es) and this is {ranks} "
-            f"(a step takes bags_per_step bags on every process); resume it with {before} (torchrun "
-            f"--nproc-per-node {before}), or start afresh (--no-resume)"
-        )
 
 
 def _native_size(bag: Bag) -> int:
