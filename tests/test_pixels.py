@@ -22,10 +22,10 @@ from histomil.errors import HistomilError
 from histomil.features.encoders import build_encoder
 from histomil.models.original import OriginalMIL, OriginalTileCNN, flatten_dim
 from histomil.training.checkpoint import load_checkpoint
+from histomil.training.pixel_data import TilePrep
 from histomil.training.pixels import (
     LAST_BLOCKS,
     PixelTrainConfig,
-    TilePrep,
     build_pixel_model,
     predict_pixels,
     train_pixels,
@@ -532,7 +532,7 @@ def test_command_trains_on_real_tiles(ebhi_bags: Path, tmp_path) -> None:
 def test_clam_head_gets_labels_and_its_loss_weighting_end_to_end():
     """A CLAM head trained from pixels sees the bag label (instance loss) and the 0.7/0.3 weighting."""
     from histomil.models.registry import build_model
-    from histomil.training.pixels import PixelMIL
+    from histomil.training.pixel_model import PixelMIL
     from histomil.training.trainer import bag_loss
 
     torch.manual_seed(0)

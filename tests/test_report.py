@@ -34,7 +34,9 @@ from histomil.evaluation.bootstrap import METRICS, bootstrap_ci
 from histomil.evaluation.protocol import load_crossval_config, run_crossval
 from histomil.features.store import read_feature_bag
 from histomil.pipeline import load_config, run_study
-from histomil.reports.html import BagRef, build_report, choose_bags
+from histomil.reports.galleries import choose_bags
+from histomil.reports.html import build_report
+from histomil.reports.html_blocks import BagRef
 from histomil.resources import demo_config_path
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.trainer import predict

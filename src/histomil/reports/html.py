@@ -31,13 +31,13 @@ import numpy as np
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci
 from histomil.evaluation.calibration import expected_calibration_error, plot_reliability
+from histomil.files import write_bytes, write_text
 from histomil.reports.galleries import Models, build_gallery, choose_bags
 from histomil.reports.html_blocks import (
-    BagRef, Figure, Gallery, esc, figure_html, file_figure, fmt, gallery_section, metric_cell, page, plot_runs_roc,
+    BagRef, Figure, esc, figure_html, file_figure, fmt, gallery_section, metric_cell, page, plot_runs_roc,
     plot_runs_training,
 )
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
-from histomil.files import write_bytes, write_text
 from histomil.reports.task_report import build_task_report, task_metrics_file
 
 Log = Callable[[str], None]
@@ -499,4 +499,4 @@ def build_report(
     return out_path
 
 
-__all__ = ["BagRef", "Gallery", "build_gallery", "build_report", "choose_bags", "read_predictions_csv", "run_kind"]
+__all__ = ["build_report", "read_predictions_csv", "run_kind"]

@@ -77,10 +77,8 @@ from histomil.training.loop import RESUMABLE_CHANGES, RunResult, Trainable, best
 from histomil.training.pixel_data import TilePrep, TileTask, iter_bags
 from histomil.training.pixel_model import EfficientNetEncoder, PixelMIL
 
-# Re-exported: defined here before the model and the tile reading moved to their own modules.
 __all__ = [
-    "EfficientNetEncoder", "PixelMIL", "PixelTrainConfig", "PixelTrainResult", "TilePrep", "build_pixel_model",
-    "model_from_checkpoint", "pixel_optimizer", "predict_pixels", "predict_pixels_on_ranks", "train_epoch",
+    "PixelTrainConfig", "PixelTrainResult", "build_pixel_model", "model_from_checkpoint", "pixel_optimizer", "predict_pixels", "predict_pixels_on_ranks", "train_epoch",
     "train_pixels",
 ]
 
