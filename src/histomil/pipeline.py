@@ -28,18 +28,16 @@ from histomil.devices import check_device_name, resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.study_regression import check_study_task, load_study_bags
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule, fit_threshold
+from histomil.features import shards
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder, check_encoder_name
 from histomil.features.extract import copy_sidecars, extract_bags
-from histomil.features import shards
 from histomil.features.runtimes import with_runtime
 from histomil.features.shards import Shard
-from histomil.files import exclusive_output, remove_temp_leftovers
+from histomil.files import exclusive_output, remove_temp_leftovers, write_json
 from histomil.hardware import run_environment
-from histomil.files import write_json
 from histomil.training.checkpoint import combine_checkpoints
 from histomil.training.trainer import TrainConfig, train
-
 
 # Settings a resumed run may change: they change how fast it runs, never what it computes.
 RESUMABLE_SETTINGS = frozenset({("features", "batch_size"), ("features", "workers"), ("features", "device"), ("train", "device"),

@@ -35,10 +35,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from histomil.files import natural_key
 from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
+from histomil.files import natural_key
 
 ON_MISSING = ("error", "skip")
 BAG_LEVELS = ("patient", "slide")

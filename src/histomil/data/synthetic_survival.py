@@ -43,8 +43,7 @@ from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import read_tile_table
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
-from histomil.files import atomic_write
-from histomil.files import write_json
+from histomil.files import atomic_write, write_json
 
 COHORT_COLUMNS = ("slide", "patient", "time", "event", "split", "role", "witnesses", "log_hazard")
 

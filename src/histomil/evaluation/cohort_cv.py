@@ -56,8 +56,8 @@ from histomil.evaluation.splitting import (
 from histomil.evaluation.threshold import ThresholdConfig, fit_threshold
 from histomil.features.lazy import fits_in_memory
 from histomil.features.validate import training_encoder_info
-from histomil.hardware import run_environment
 from histomil.files import write_json
+from histomil.hardware import run_environment
 from histomil.training import distributed
 from histomil.training.trainer import TrainConfig, predict, train
 

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from histomil.files import natural_key
 from histomil.data.cohort import BagLevel, Cohort, patient_bag
 from histomil.features.lazy import bag_digest
 from histomil.features.store import FeatureBag
+from histomil.files import natural_key
 
 
 class CohortSource:

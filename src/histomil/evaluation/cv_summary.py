@@ -22,8 +22,8 @@ from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci, bootstrap_mean_ci, summarize_runs
 from histomil.evaluation.calibration import expected_calibration_error, plot_reliability
 from histomil.evaluation.threshold import ThresholdConfig, describe_rule
-from histomil.reports.plots import plot_roc_pr
 from histomil.files import write_text
+from histomil.reports.plots import plot_roc_pr
 
 ATTENTION_KEYS = ("tile_auc_pooled", "tile_auc_mean", "top1_hit", "top1_hit_random")
 PredictionsPath = Callable[[Mapping[str, Any], str], Path]  # (fold record, test set name) -> its predictions CSV

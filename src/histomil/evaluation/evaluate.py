@@ -15,17 +15,17 @@ from typing import Callable
 import numpy as np
 
 from histomil.data.bags import read_tile_truth
+from histomil.data.targets import load_task_bags
+from histomil.devices import device_record, resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
+from histomil.evaluation.task_evaluate import evaluate_task_sets, is_binary
 from histomil.features.formats import load_features_folder
 from histomil.features.store import FeatureBag
 from histomil.features.validate import check_bags_for_model
+from histomil.files import write_json, write_text
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
 from histomil.reports.tables import metrics_markdown
-from histomil.files import write_json, write_text
-from histomil.devices import device_record, resolve_device
-from histomil.data.targets import load_task_bags
-from histomil.evaluation.task_evaluate import evaluate_task_sets, is_binary
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.tasks import task_from_checkpoint
 from histomil.training.trainer import predict

@@ -14,18 +14,17 @@ from typing import Callable
 import numpy as np
 
 from histomil.data.bags import Bag, load_bags
+from histomil.devices import resolve_device
 from histomil.errors import HistomilError
+from histomil.evaluation.task_evaluate import prediction_fields
 from histomil.features.cache import FeatureCache
 from histomil.features.encoders import build_encoder
 from histomil.features.extract import extract_bags, tile_digests
 from histomil.features.formats import FEATURE_SUFFIXES, is_feature_folder, load_any_features, load_features_folder
 from histomil.features.store import FeatureBag
-from histomil.files import exclusive_output
 from histomil.features.validate import check_bags_for_model
+from histomil.files import exclusive_output, write_text
 from histomil.hardware import resolve_precision
-from histomil.files import write_text
-from histomil.devices import resolve_device
-from histomil.evaluation.task_evaluate import prediction_fields
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.tasks import task_from_checkpoint
 from histomil.training.trainer import predict

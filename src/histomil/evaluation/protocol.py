@@ -80,10 +80,10 @@ from histomil.evaluation.study_regression import (
 )
 from histomil.evaluation.study_source import StudySource, composed_patients, prune_bags
 from histomil.evaluation.threshold import RULES, ThresholdConfig, fit_threshold
+from histomil.files import write_json, write_text
 from histomil.hardware import run_environment
 from histomil.pipeline import FeatureConfig, TileColumns
 from histomil.reports.plots import plot_training_curves
-from histomil.files import write_json, write_text
 from histomil.training.trainer import TrainConfig, train
 
 Log = Callable[[str], None]

@@ -27,8 +27,8 @@ from histomil.evaluation.cv_summary import write_predictions
 from histomil.evaluation.evaluate import tile_truth_for
 from histomil.evaluation.metrics import attention_metrics, binary_metrics
 from histomil.features.formats import load_feature_dataset
-from histomil.pipeline import FeatureConfig, extract_study
 from histomil.files import write_text
+from histomil.pipeline import FeatureConfig, extract_study
 from histomil.training.trainer import predict
 
 Log = Callable[[str], None]

@@ -38,10 +38,24 @@ from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.fold_loop import run_fold
-from histomil.evaluation.survival import METRICS, SurvivalTargets, survival_bootstrap_ci, survival_metrics, survival_targets
+from histomil.evaluation.survival import (
+    METRICS,
+    SurvivalTargets,
+    survival_bootstrap_ci,
+    survival_metrics,
+    survival_targets,
+)
 from histomil.evaluation.survival_plots import plot_km_risk_groups
 from histomil.evaluation.survival_report import evaluate_survival, held_out_times
-from histomil.evaluation.target_cv import NumberColumn, fold_roles, mean_fold_outputs, patient_numbers, patient_outputs, train_fold, with_targets
+from histomil.evaluation.target_cv import (
+    NumberColumn,
+    fold_roles,
+    mean_fold_outputs,
+    patient_numbers,
+    patient_outputs,
+    train_fold,
+    with_targets,
+)
 from histomil.files import write_text
 from histomil.training.survival_losses import batch_memory_bytes
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from histomil.evaluation.task_metrics import multiclass_metrics, regression_metrics
-from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr
 from histomil.files import write_json, write_text
+from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr
 from histomil.reports.task_plots import plot_regression_scatter
 from histomil.training.task_base import Task
 

@@ -32,7 +32,6 @@ import numpy as np
 from histomil.errors import HistomilError, write_failure
 from histomil.files import atomic_path, atomic_write
 
-
 STALE_TEMP_S = 3600.0  # a shard's temporary file older than this belongs to a killed writer
 
 

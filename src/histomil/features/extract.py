@@ -31,8 +31,8 @@ from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
 from histomil.features.cache import FeatureCache
 from histomil.features.shards import Shard
-from histomil.features.tile_encoder import fit_tile
 from histomil.features.store import FeatureBag, read_feature_bag, write_feature_bag
+from histomil.features.tile_encoder import fit_tile
 from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

@@ -34,7 +34,16 @@ from histomil.evaluation.calibration import expected_calibration_error, plot_rel
 from histomil.files import write_bytes, write_text
 from histomil.reports.galleries import Models, build_gallery, choose_bags
 from histomil.reports.html_blocks import (
-    BagRef, Figure, esc, figure_html, file_figure, fmt, gallery_section, metric_cell, page, plot_runs_roc,
+    BagRef,
+    Figure,
+    esc,
+    figure_html,
+    file_figure,
+    fmt,
+    gallery_section,
+    metric_cell,
+    page,
+    plot_runs_roc,
     plot_runs_training,
 )
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves

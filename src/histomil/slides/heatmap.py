@@ -29,8 +29,8 @@ from PIL import Image
 from histomil.errors import HistomilError
 from histomil.features.geometry import require_geometry
 from histomil.features.store import FeatureBag
-from histomil.reports.plots import new_figure, save_figure
 from histomil.files import write_bytes
+from histomil.reports.plots import new_figure, save_figure
 from histomil.slides.tiling import TilingSpec
 
 Scale = Literal["rank", "linear"]

@@ -38,8 +38,8 @@ instance after the process was killed).
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,9 +50,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from histomil.config import one_of
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
-from histomil.config import one_of
 from histomil.devices import resolve_device, to_device
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0, load_pretrained_lite0
