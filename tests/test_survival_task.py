@@ -1,17 +1,20 @@
 """The survival task through the one trainer: targets checked, Cox and discrete-time models learn a
-hazard carried by the number of 'tumour' tiles, checkpoints predict risks, batches of one refused."""
+hazard carried by the number of 'tumour' tiles, checkpoints predict risks, batches of one refused;
+evaluating a checkpoint takes the risk-group cut and censoring distribution from its training bags."""
 
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from histomil.errors import HistomilError
-from histomil.evaluation.survival import cindex_harrell, survival_targets
-from histomil.features.store import FeatureBag
+from histomil.evaluation.survival import cindex_harrell, survival_metrics, survival_targets
+from histomil.evaluation.survival_report import held_out_times
+from histomil.features.store import FeatureBag, write_feature_bag
 from histomil.training.checkpoint import load_checkpoint
 from histomil.training.survival_task import SurvivalTask
 from histomil.training.tasks import build_task, task_from_checkpoint
@@ -120,3 +123,56 @@ def test_discrete_survival_at_times_steps_at_the_bin_edges() -> None:
     assert task.survival_at(pred, np.array([0.5, 1.0, 1.5, 2.5])).tolist() == [[1.0, 0.9, 0.9, 0.5]]
     with pytest.raises(HistomilError, match="baseline hazard"):
         SurvivalTask().survival_at(pred[:, :1], np.array([1.0]))
+
+
+def test_evaluate_splits_and_censors_at_the_stored_training_bags(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from histomil.cli import app
+    from histomil.evaluation.evaluate import evaluate_sets
+
+    (train_bags, _), (val_bags, _), (candidates, _) = _cohort(60, 0), _cohort(20, 1), _cohort(80, 2)
+    cfg = TrainConfig(task="survival", model="mean_pool", epochs=3, min_epochs=3, lr=2e-3, batch_size=16,
+                      monitor="val_cindex")
+    result = train(train_bags, val_bags, cfg, tmp_path / "run")
+    stored = torch.load(result.model_path, weights_only=True)["extra"]["survival_train"]
+    model, meta = load_checkpoint(result.model_path)
+    task = task_from_checkpoint(meta)
+    y_train = task.targets(train_bags, "training")
+    assert stored["time"] == y_train[:, 0].tolist() and stored["event"] == y_train[:, 1].astype(int).tolist()
+    train_risk = np.array([p[0] for p, _ in predict(model, train_bags, task=task)])
+    assert stored["median_risk"] == pytest.approx(float(np.median(train_risk)), abs=1e-9)
+    # a test set of bags all above the training median: the training cut puts every one in the high-risk group
+    risk = np.array([p[0] for p, _ in predict(model, candidates, task=task)])
+    test_bags = [b for b, r in zip(candidates, risk) if r > stored["median_risk"]]
+    y_test = np.array([b.target for b in test_bags])
+    assert len(test_bags) >= 15 and y_test[:, 1].sum() >= 3
+    for b in test_bags:
+        write_feature_bag(tmp_path / "test" / f"{b.bag_id}.h5", b)
+    results = evaluate_sets(result.model_path, {"test": tmp_path / "test"}, tmp_path / "eval", n_resamples=5)
+    groups = results["test"]["risk_groups"]
+    assert groups["cut"] == stored["median_risk"] and groups["cut_from"] == "training median risk"
+    assert groups["groups"]["high risk"]["n"] == len(test_bags) and groups["groups"]["low risk"]["n"] == 0
+    train_t, test_t = survival_targets(y_train[:, 0], y_train[:, 1]), survival_targets(y_test[:, 0], y_test[:, 1])
+    test_risk = risk[risk > stored["median_risk"]]
+    by_hand = survival_metrics(test_t, test_risk, train=train_t, times=held_out_times(train_t, test_t))
+    assert results["test"]["cindex_uno"]["value"] == pytest.approx(by_hand["cindex_uno"], abs=1e-9)
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["survival_reference"]["n_train_bags"] == 60 and doc["survival_reference"]["median_risk"] == stored["median_risk"]
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "eval"), "--task", "survival"])
+    assert rep.exit_code == 0, rep.output
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "split at the training median risk" in page and page.count("data:image/png;base64") == 1
+
+    # a checkpoint without the training data (older histomil): today's behaviour, said in a warning and metrics.json
+    old = torch.load(result.model_path, weights_only=True)
+    del old["extra"]["survival_train"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="stores no training survival data"):
+        results = evaluate_sets(tmp_path / "old.pt", {"test": tmp_path / "test"}, tmp_path / "eval_old", n_resamples=5)
+    groups = results["test"]["risk_groups"]
+    assert groups["cut"] == pytest.approx(float(np.median(test_risk))) and groups["cut_from"] == "set median risk"
+    assert groups["groups"]["low risk"]["n"] > 0
+    assert results["test"]["cindex_uno"]["value"] == pytest.approx(survival_metrics(test_t, test_risk)["cindex_uno"], abs=1e-9)
+    doc = json.loads((tmp_path / "eval_old" / "metrics.json").read_text())
+    assert doc["survival_reference"]["source"] == "test set" and "no training survival data" in doc["survival_reference"]["note"]

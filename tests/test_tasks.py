@@ -179,6 +179,7 @@ def test_evaluate_writes_per_class_and_regression_files(tmp_path) -> None:
         write_feature_bag(test_dir / f"{b.bag_id}.h5", b)
     results = evaluate_sets(result.model_path, {"test": test_dir}, tmp_path / "eval")
     assert results["test"]["n"] == 30 and results["test"]["spearman"]["low"] <= results["test"]["spearman"]["value"]
+    assert "survival_train" not in torch.load(result.model_path, weights_only=True)["extra"]  # survival models only
     rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions_test.csv")))
     assert list(rows[0]) == ["bag_id", "target", "prediction"] and len(rows) == 30
     assert (tmp_path / "eval" / "scatter.png").stat().st_size > 1000

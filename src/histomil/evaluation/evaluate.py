@@ -27,6 +27,7 @@ from histomil.files import write_json, write_text
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
 from histomil.reports.tables import metrics_markdown
 from histomil.training.checkpoint import load_checkpoint
+from histomil.training.survival_task import TRAINING_KEY
 from histomil.training.tasks import task_from_checkpoint
 from histomil.training.trainer import predict
 
@@ -56,13 +57,15 @@ def evaluate_sets(
     device: str = "cpu",
     task: str | None = None,
     targets: str | Path | None = None,
+    n_resamples: int = 1000,
 ) -> dict[str, dict]:
     """Evaluate ``checkpoint`` on each named feature folder; write JSON, markdown, CSV and PNGs.
 
     ``device`` (cpu, cuda, cuda:N, auto) is where the model runs; metrics.json records it.
     ``task``: the target kind the model must have been trained for (None: the model's own, see
     :mod:`histomil.training.tasks`); ``targets``: regression / survival targets CSV of the sets (default
-    targets.csv beside each). Models other than binary classifiers: :mod:`histomil.evaluation.task_evaluate`.
+    targets.csv beside each). Models other than binary classifiers: :mod:`histomil.evaluation.task_evaluate`
+    (bootstrap ``n_resamples`` per metric; a survival model's stored training bags, ``survival_train``).
 
     Every file of every folder is checked for the model (finite, its dimension and encoder; see
     :mod:`histomil.features.validate`); ``allow_encoder_mismatch`` lets another encoder's features through.
@@ -83,7 +86,7 @@ def evaluate_sets(
             check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch, source=folder)
             sets[name] = (bags, predict(model, bags, task=task))
         header = {"checkpoint": str(checkpoint), "environment": device_record(dev, "fp32")}
-        return evaluate_task_sets(task, sets, out_dir, header, progress)
+        return evaluate_task_sets(task, sets, out_dir, header, progress, n_resamples, meta.get(TRAINING_KEY))
     if threshold is None:
         threshold = float(meta.get("threshold", 0.5))
     results: dict[str, dict] = {}

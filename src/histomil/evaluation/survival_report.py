@@ -3,21 +3,27 @@ the Kaplan-Meier risk groups split at the training median.
 
 Everything that must not see the test bags comes from the training bags: the censoring distribution
 (Uno's c-index, time-dependent AUC, Brier score), the Breslow baseline that turns Cox risks into survival
-probabilities, and the cut between the risk groups (the training bags' median risk).
+probabilities, and the cut between the risk groups (the training bags' median risk). A single trained
+model carries what it needs of its training bags in its checkpoint (:class:`TrainingReference`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.errors import HistomilError
 from histomil.evaluation.survival import (
     SurvivalTargets,
     breslow_survival,
     evaluation_times,
     survival_bootstrap_ci,
+    survival_targets,
 )
 from histomil.evaluation.survival_plots import plot_km_risk_groups, risk_cut, risk_groups, risk_groups_summary
 
@@ -59,3 +65,41 @@ def evaluate_survival(
         groups = risk_groups_summary(risk_groups(test, test_risk, cut))
     return {"n": len(test), "events": int(test.event.sum()), "times": times.tolist(), "metrics": metrics,
             "risk_groups": groups}
+
+
+@dataclass(frozen=True)
+class TrainingReference:
+    """What a survival checkpoint keeps of its training bags (``extra["survival_train"]``, written by
+    :meth:`histomil.training.survival_task.SurvivalTask.training_record`): their targets, for the censoring
+    distribution, and the model's median risk on them, the cut between the risk groups."""
+
+    targets: SurvivalTargets
+    median_risk: float
+
+    def summary(self) -> dict[str, Any]:
+        """What metrics.json records of the reference (not the per-bag targets)."""
+        return {"source": "training bags (stored in the checkpoint)", "n_train_bags": len(self.targets),
+                "n_train_events": int(self.targets.event.sum()), "median_risk": self.median_risk,
+                "note": "risk groups split at the training median risk; Uno's c-index, time-dependent AUC and "
+                        "IBS weighted by the training censoring distribution"}
+
+
+# metrics.json and the warning of an evaluation without a :class:`TrainingReference`
+NO_REFERENCE = ("the checkpoint stores no training survival data (an older histomil or an ensemble): risk groups "
+                "split at each test set's own median risk and the censoring distribution estimated on the test "
+                "set itself; retrain with this histomil to evaluate against the training bags")
+
+
+def stored_reference(record: Mapping[str, Any] | None, source: str) -> TrainingReference | None:
+    """The :class:`TrainingReference` of a checkpoint's ``survival_train`` record (None when it has none);
+    a damaged record is one error line naming ``source``."""
+    if not record:
+        return None
+    try:
+        targets = survival_targets(record["time"], record["event"], f"{source}: stored training targets")
+        cut = float(record["median_risk"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HistomilError(f"{source}: the stored training survival data is damaged ({exc!r})") from None
+    if not math.isfinite(cut):
+        raise HistomilError(f"{source}: the stored training median risk is {cut}")
+    return TrainingReference(targets, cut)

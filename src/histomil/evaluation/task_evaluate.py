@@ -8,29 +8,36 @@ keep their threshold-based evaluation). Per test set ``<name>``:
   ``y_pred`` (the argmax);
 * classes: ``confusion_<name>.png`` (counts and row percentages), ``roc_pr_<name>.png`` (one-vs-rest
   curves per class), ``calibration_<name>.png`` (one-vs-rest reliability per class);
-* survival: ``km_<name>.png``, Kaplan-Meier curves of the bags above and below the median predicted risk
-  of that set (the model's training risks are not in the checkpoint; a cross-validation splits at the
-  training fold's median instead).
+* survival: ``km_<name>.png``, Kaplan-Meier curves of the bags above and below the model's median
+  predicted risk on its *training* bags, with the log-rank p (the set's ``risk_groups`` record the
+  ``cut`` and ``cut_from``).
 
 and for all sets ``metrics.json`` (every metric with its bootstrap interval), ``metrics.md`` and, for
-regression, ``scatter.png`` (predicted vs true). Survival metrics use the set itself for the censoring
-distribution (Uno's c-index, time-dependent AUC), as the training targets are not stored with the model.
+regression, ``scatter.png`` (predicted vs true). Survival metrics take the censoring distribution (Uno's
+c-index, time-dependent AUC and, for discrete-time models, the integrated Brier score) from the training
+targets, at evaluation times inside the training follow-up, as a cross-validation fold does
+(:mod:`.survival_report`). Both come from the checkpoint (``survival_train``, written since this was
+added). A checkpoint without it (an older histomil) falls back to each test set's own median and
+censoring distribution, with a warning and a note under ``survival_reference`` in metrics.json.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.evaluation.survival_report import NO_REFERENCE, TrainingReference, held_out_times, stored_reference
 from histomil.evaluation.task_metrics import multiclass_metrics, regression_metrics
 from histomil.files import write_json, write_text
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr
 from histomil.reports.task_plots import plot_regression_scatter
+from histomil.training.survival_task import SurvivalTask
 from histomil.training.task_base import Task
 
 SetPredictions = tuple[Sequence[Any], Sequence[tuple[np.ndarray, np.ndarray]]]  # bags, (outputs, attention) per bag
@@ -47,8 +54,10 @@ def class_names(task: Task) -> list[str]:
     return [str(n) for n in names] if names else [str(c) for c in range(task.output_size())]
 
 
-def set_metrics(task: Task, y: np.ndarray, outputs: np.ndarray, n_resamples: int = 1000) -> dict[str, Any]:
-    """The metrics of one set (see the module docstring) from the truth ``y`` and ``task.predict`` rows."""
+def set_metrics(task: Task, y: np.ndarray, outputs: np.ndarray, n_resamples: int = 1000,
+                reference: TrainingReference | None = None) -> dict[str, Any]:
+    """The metrics of one set (see the module docstring) from the truth ``y`` and ``task.predict`` rows;
+    ``reference``: a survival model's training bags (None: the set is its own censoring distribution)."""
     if task.name == "classification":
         return multiclass_metrics(y, outputs, class_names(task), n_resamples=n_resamples)
     if task.name == "regression":
@@ -56,8 +65,14 @@ def set_metrics(task: Task, y: np.ndarray, outputs: np.ndarray, n_resamples: int
     from histomil.evaluation.survival import survival_bootstrap_ci, survival_targets
 
     targets = survival_targets(y[:, 0], y[:, 1], "test set")
-    return {"n": int(len(y)), "n_events": int(y[:, 1].sum()),
-            **survival_bootstrap_ci(targets, outputs[:, 0], n_resamples=n_resamples)}
+    if reference is None:
+        return {"n": int(len(y)), "n_events": int(y[:, 1].sum()),
+                **survival_bootstrap_ci(targets, outputs[:, 0], n_resamples=n_resamples)}
+    times = held_out_times(reference.targets, targets)
+    discrete = isinstance(task, SurvivalTask) and task.loss_name == "discrete"  # its own survival probabilities
+    survival = task.survival_at(outputs, times) if discrete else None
+    metrics = survival_bootstrap_ci(targets, outputs[:, 0], reference.targets, times, survival, n_resamples=n_resamples)
+    return {"n": int(len(y)), "n_events": int(y[:, 1].sum()), **metrics, "times": times.tolist()}
 
 
 def evaluate_task_sets(
@@ -67,31 +82,42 @@ def evaluate_task_sets(
     header: Mapping[str, Any],
     progress: Callable[[str, int, int], None] | None = None,
     n_resamples: int = 1000,
+    survival_train: Mapping[str, Any] | None = None,
 ) -> dict[str, dict]:
     """Metrics, predictions and plots of every set (see the module docstring); ``header`` goes on top of
-    metrics.json (checkpoint, environment). Returns ``{set: metrics}``."""
+    metrics.json (checkpoint, environment). ``survival_train``: a survival checkpoint's record of its
+    training bags (None: fall back to each set's own, with a warning). Returns ``{set: metrics}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    about: dict[str, Any] = {}
+    reference = None
+    if task.name == "survival":
+        source = str(header.get("checkpoint", "the model"))
+        reference = stored_reference(survival_train, source)
+        about["survival_reference"] = reference.summary() if reference else {"source": "test set", "note": NO_REFERENCE}
+        if reference is None:
+            warnings.warn(f"{source}: {NO_REFERENCE}", stacklevel=2)
     results: dict[str, dict] = {}
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (name, (bags, preds)) in enumerate(sets.items()):
         y = task.targets(bags, f"test set {name}:")
         outputs = np.stack([np.asarray(p, dtype=np.float64) for p, _ in preds])
-        results[name] = set_metrics(task, y, outputs, n_resamples)
+        results[name] = set_metrics(task, y, outputs, n_resamples, reference)
         write_text(out_dir / f"predictions_{name}.csv", predictions_csv(task, bags, outputs))
-        _plots(task, name, y, outputs, results[name], out_dir)
+        _plots(task, name, y, outputs, results[name], out_dir, reference)
         if task.name == "regression":
             scatter[name] = (y, outputs[:, 0])
         if progress:
             progress("evaluating test sets", i + 1, len(sets))
-    write_json(out_dir / "metrics.json", {**header, "task": task.state(), "results": results})
+    write_json(out_dir / "metrics.json", {**header, "task": task.state(), **about, "results": results})
     write_text(out_dir / "metrics.md", task_markdown(task, results))
     if scatter:
         plot_regression_scatter(scatter, out_dir / "scatter.png")
     return results
 
 
-def _plots(task: Task, name: str, y: np.ndarray, outputs: np.ndarray, metrics: dict, out_dir: Path) -> None:
+def _plots(task: Task, name: str, y: np.ndarray, outputs: np.ndarray, metrics: dict, out_dir: Path,
+           reference: TrainingReference | None) -> None:
     if task.name == "classification":
         names = class_names(task)
         plot_confusion_matrix(metrics["confusion_matrix"], out_dir / f"confusion_{name}.png", title=name, class_names=names)
@@ -105,9 +131,15 @@ def _plots(task: Task, name: str, y: np.ndarray, outputs: np.ndarray, metrics: d
         from histomil.evaluation.survival_plots import plot_km_risk_groups
 
         risk = outputs[:, 0]
-        metrics["risk_groups"] = plot_km_risk_groups(survival_targets(y[:, 0], y[:, 1], f"test set {name}"), risk,
-                                                     float(np.median(risk)), out_dir / f"km_{name}.png",
-                                                     title=f"{name}: split at the set's median risk")
+        if reference is not None:
+            cut, cut_from = reference.median_risk, "training median risk"
+            label = f"split at the training median risk {cut:.3g}"
+        else:
+            cut, cut_from = float(np.median(risk)), "set median risk"
+            label = f"split at the set's own median risk {cut:.3g} (the model stores no training risks)"
+        groups = plot_km_risk_groups(survival_targets(y[:, 0], y[:, 1], f"test set {name}"), risk, cut,
+                                     out_dir / f"km_{name}.png", title=name, cut_label=label)
+        metrics["risk_groups"] = {**groups, "cut_from": cut_from}
 
 
 def predictions_csv(task: Task, bags: Sequence[Any], outputs: np.ndarray) -> str:

@@ -3,7 +3,8 @@
 :func:`histomil.evaluation.task_evaluate.evaluate_task_sets` writes ``metrics.json`` (with a ``task`` key),
 ``metrics.md`` and PNGs into one folder; this module turns that folder (or a run folder holding it as
 ``evaluation/``) into one self-contained HTML page: the headline metrics of every test set with their
-95% bootstrap intervals, per-class tables (classification), and every figure embedded.
+95% bootstrap intervals, per-class tables (classification), where a survival model's risk-group cut and
+censoring distribution came from, and every figure embedded.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def build_task_report(metrics_json: Path, out: Path, expected_task: str | None =
     parts = ["<h2>Metrics (95% bootstrap intervals over bags)</h2>",
              _table(["test set", "n", *columns], [[html.escape(str(name)), str(m.get("n", "")), *(_cell(m.get(c)) for c in columns)]
                                                   for name, m in results.items()])]
+    reference = doc.get("survival_reference")
+    if isinstance(reference, Mapping) and reference.get("note"):  # where the risk-group cut and censoring came from
+        parts.append(f"<p>Survival: {html.escape(str(reference['note']))} (source: {html.escape(str(reference.get('source', '')))}).</p>")
     if task == "classification":
         for name, m in results.items():
             rows = [[html.escape(c), str(p["n"]), _cell(p["roc_auc"]), _cell(p["pr_auc"]), _cell(p["recall"]),

@@ -14,6 +14,11 @@ Two losses (:mod:`histomil.training.survival_losses`):
 
 Validation columns: ``val_loss`` and ``val_cindex`` (Harrell's c-index of the risk, higher is better,
 the score to monitor); training: ``train_cindex``. Registered in :data:`histomil.training.tasks.TASKS`.
+
+A survival checkpoint's ``extra`` also holds ``survival_train`` (:data:`TRAINING_KEY`,
+:meth:`SurvivalTask.training_record`): the training bags' times and events and the model's median risk on
+them, so ``histomil evaluate`` takes the censoring distribution and the risk-group cut from the training
+bags, never from the test set (:mod:`histomil.evaluation.task_evaluate`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from histomil.training.task_base import Task, bag_name
 
 MIN_COX_BATCH = 2
 DEFAULT_BINS = 4
+TRAINING_KEY = "survival_train"  # the checkpoint ``extra`` key of :meth:`SurvivalTask.training_record`
 
 
 class SurvivalTask(Task):
@@ -126,6 +132,13 @@ class SurvivalTask(Task):
     def cindex(self, logits: torch.Tensor, y: np.ndarray) -> float:
         """Harrell's c-index of the risk of ``logits`` for targets ``y`` (n, 2); NaN when undefined."""
         return cindex_harrell(survival_targets(y[:, 0], y[:, 1], "c-index"), self.risk(logits))
+
+    def training_record(self, y_train: np.ndarray, logits: torch.Tensor) -> dict[str, Any]:
+        """What a checkpoint keeps of the training bags (targets ``y_train``, the model's ``logits`` on them):
+        ``time`` and ``event`` (lists, one per bag) for the censoring distribution of Uno's c-index,
+        time-dependent AUC and Brier score, and ``median_risk``, the cut between low- and high-risk groups."""
+        return {"time": [float(t) for t in y_train[:, 0]], "event": [int(e) for e in y_train[:, 1]],
+                "median_risk": float(np.median(self.risk(logits)))}
 
     # --- predictions ---------------------------------------------------------------------
 

@@ -6,7 +6,10 @@ with end-to-end training from pixels); this module supplies one training epoch
 
 * ``history.csv``: one row per epoch (epoch, train_loss, train_acc, val_loss, val_acc, val_auc, lr,
   seconds), rewritten atomically after every epoch so a crash keeps every finished epoch.
-* ``model.pt``: the best checkpoint so far by the monitored metric (see :mod:`.checkpoint_file`).
+* ``model.pt``: the best checkpoint so far by the monitored metric (see :mod:`.checkpoint_file`). A
+  survival model's ``extra`` also keeps its training bags' times, events and median predicted risk at
+  that epoch (``survival_train``, :meth:`histomil.training.survival_task.SurvivalTask.training_record`), so
+  ``histomil evaluate`` splits risk groups and estimates censoring as a cross-validation fold does.
 * ``last.pt``: the full training state after the latest epoch (weights, optimizer, RNG states,
   history, early-stopping counters), so ``train(..., resume=True)`` continues exactly where an
   interrupted run stopped and ends with the same result as an uninterrupted one.
@@ -49,6 +52,7 @@ from histomil.training.common import (
 )
 from histomil.training.loop import HISTORY_COLUMNS, STATE_FORMAT, RunResult, Trainable, best_extra, run_training
 from histomil.training.streaming import bag_lengths, bag_tensors, draw_tile_subsets
+from histomil.training.survival_task import TRAINING_KEY, SurvivalTask
 from histomil.training.task_base import Task, model_objectives
 from histomil.training.tasks import TASK_NAMES, build_task
 
@@ -145,6 +149,8 @@ def train(
 
         def save_best(path: Path, row: dict[str, Any]) -> None:
             extra = {**best_extra(row, monitor, y_train, len(val_bags), n_classes), "task": task.state()}
+            if isinstance(task, SurvivalTask):  # what evaluating this model on other bags needs of its training bags
+                extra[TRAINING_KEY] = task.training_record(y_train, eval_logits(model, train_x, device))
             save_checkpoint(path, model, config.model, config.model_kwargs, n_classes, encoder_info, config,
                             extra=extra, in_dim=in_dim)
 
@@ -272,6 +278,18 @@ def validation_metrics(
     model.eval()
     logits = torch.stack([lg for lg, _ in _forward_all(model, feats, 16, device)]).double()
     return task.validation_metrics(logits, y)
+
+
+@torch.no_grad()
+def eval_logits(model: nn.Module, feats: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The model's logits (n, outputs; float64) of the bags ``feats`` in eval mode, as validation computes
+    them; the model's mode is restored after (a survival checkpoint's training risks are taken mid-run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.stack([lg for lg, _ in _forward_all(model, feats, 16, device)]).double()
+    finally:
+        model.train(was_training)
 
 
 # --- batching ----------------------------------------------------------------------------
