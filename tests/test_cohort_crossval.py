@@ -208,6 +208,15 @@ def test_three_classes_and_held_out_patients(tmp_path):
     assert set(summary["mean_over_folds"]) == {"accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc", "f1_macro"}
     assert summary["holdout"]["n_patients"] == 3 and summary["holdout"]["model"] == "ensemble.pt"
     assert len(read_csv(tmp_path / "cv" / "holdout_predictions.csv")) == 3
+    # evaluate --table on the held-out patients scores the fold models and the ensemble with multi-class metrics
+    from histomil.evaluation.cohort_evaluate import evaluate_cohort
+
+    ev = evaluate_cohort(tmp_path / "cv", t, feats, "grade", tmp_path / "ev", n_resamples=20)
+    assert set(ev["models"]) == {"fold-0-0", "fold-0-1", "ensemble"}
+    assert all("macro_roc_auc" in m and "f1_macro" in m for m in ev["models"].values())
+    assert ev["fold_models_mean"]["balanced_accuracy"]["n"] == 2
+    table_md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "macro_roc_auc" in table_md and "f1_macro" in table_md
 
 
 runner = CliRunner()

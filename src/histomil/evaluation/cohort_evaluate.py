@@ -37,7 +37,9 @@ from histomil.files import write_json, write_text
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 SPLITS = ("auto", "test", "train", "all")
-SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "pr_auc", "f1")
+# binary metrics, then the multi-class ones (evaluation/task_metrics.MULTICLASS_METRICS); each record has one set
+SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "pr_auc", "f1",
+                   "macro_roc_auc", "macro_pr_auc", "f1_macro")
 
 
 def find_models(source: str | Path) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -225,7 +227,7 @@ def _with_ci(m: dict[str, Any], key: str) -> str:
 
 def evaluation_markdown(summary: dict[str, Any]) -> str:
     """One row per model (metric with its 95% interval) and a row of mean ± sd over the fold models."""
-    keys = [k for k in ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity")
+    keys = [k for k in ("roc_auc", "macro_roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "f1_macro")
             if any(k in m for m in summary["models"].values())]
     lines = [f"{summary['n_patients']} patients ({summary['n_slides']} slides) of {summary['table']}; "
              f"95% bootstrap intervals over patients\n",
