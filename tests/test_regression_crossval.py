@@ -1,7 +1,7 @@
 """Regression cross-validation of a slide cohort through the CLI (``crossval --task regression``): folds
 grouped by patient and stratified on the target's quantiles, a learned signal (out-of-fold R² well above
-0, and not with shuffled targets), pooled metrics recomputed from the out-of-fold table, resume, held-out
-patients, and one-line errors for bad inputs."""
+0, and not with shuffled targets), pooled metrics recomputed from the out-of-fold table, resume, the fold
+models' ``ensemble.pt`` predicting the held-out patients, and one-line errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from histomil.cli import app
+from histomil.data.cohort import load_slide_features, match_feature_files, read_cohort
+from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.splitting import quantile_strata
+from histomil.evaluation.target_cv import mean_fold_outputs
 from histomil.features.store import FeatureBag, write_feature_bag
+from histomil.training.checkpoint import read_checkpoint_dict
 from histomil.training.tasks import regression_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,7 +97,9 @@ def test_out_of_fold_predictions_learn_the_target(regression_run) -> None:
         assert pooled["r2"]["value"] > 0.4 and pooled["spearman"]["value"] > 0.8, pooled
     assert m["mean_over_seeds"]["r2"]["n"] == 2 and m["mean_over_seeds"]["r2"]["mean"] > 0.4
     assert m["mean_over_folds"]["r2"]["n"] == 8
-    assert (out / "scatter_oof.png").stat().st_size > 1000 and not (out / "ensemble.pt").exists()
+    assert (out / "scatter_oof.png").stat().st_size > 1000 and m["files"]["ensemble"] == "ensemble.pt"
+    ens = read_checkpoint_dict(out / "ensemble.pt")
+    assert ens["model_name"] == "ensemble_mean_value" and len(ens["extra"]["members"]) == 8
     assert json.loads((out / "config.json").read_text())["task"] == "regression"
     assert "target 'score' (regression)" in output and "mean ± sd over seeds" in output
 
@@ -155,6 +161,16 @@ def test_huber_loss_and_held_out_patients(tmp_path) -> None:
     assert not set(held) & {r["patient"] for r in read_oof(out)}
     for f in json.loads((out / "seed-0" / "folds.json").read_text())["folds"]:
         assert not set(held) & set(f["train"] + f["val"] + f["test"])
+    # held out: ensemble.pt predicts what the mean of the fold models' own predictions was before it
+    cohort = match_feature_files(read_cohort(table, "score", numeric=True), feats)
+    source = CohortSource(cohort, "patient", load_slide_features(cohort))
+    names, mean_rows = mean_fold_outputs(out, m["per_fold"], source, source.bags(held))
+    with open(out / "holdout_predictions.csv", newline="") as fh:
+        written = {r["bag_id"]: float(r["prediction"]) for r in csv.DictReader(fh)}
+    assert sorted(written) == sorted(names) == held and m["files"]["holdout_predictions"] == "holdout_predictions.csv"
+    np.testing.assert_allclose([written[p] for p in names], mean_rows[:, 0], rtol=0, atol=1e-6)
+    expect = regression_scores(np.array([truth[p] for p in names]), mean_rows[:, 0])
+    assert m["holdout"]["mae"] == pytest.approx(expect["mae"], abs=1e-6) and m["holdout"]["model"].startswith("ensemble.pt")
 
 
 def _with_value(table: Path, dest: Path, row: int, value: str) -> Path:

@@ -255,14 +255,14 @@ def test_report_of_a_three_class_evaluation(tmp_path) -> None:
     assert wrong.exit_code != 0 and "classification model, not regression" in wrong.output
 
 
-def test_only_classifiers_combine_into_an_ensemble(tmp_path) -> None:
-    from histomil.training.checkpoint import combine_checkpoints
+def test_regression_models_combine_into_a_value_ensemble(tmp_path) -> None:
+    from histomil.training.checkpoint import combine_checkpoints, read_checkpoint_dict
 
     cfg = TrainConfig(task="regression", model="mean_pool", epochs=1, min_epochs=1)
     a = train(_fraction_bags(20, 0), _fraction_bags(10, 1), cfg, tmp_path / "a").model_path
     b = train(_fraction_bags(20, 0), _fraction_bags(10, 1), cfg.model_copy(update={"seed": 1}), tmp_path / "b").model_path
-    with pytest.raises(HistomilError, match="a regression model; only classifiers can be combined"):
-        combine_checkpoints([a, b], tmp_path / "e.pt")
+    ens = read_checkpoint_dict(combine_checkpoints([a, b], tmp_path / "e.pt"))  # tests/test_regression_ensemble.py: its values
+    assert ens["model_name"] == "ensemble_mean_value" and ens["extra"]["task"]["fitted"] == {"mean": 0.0, "sd": 1.0}
 
 
 def test_targets_csv_problems_are_one_line_errors(tmp_path) -> None:

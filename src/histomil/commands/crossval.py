@@ -98,8 +98,8 @@ def crossval_cmd(
     if not world.is_main:
         return
     show_result(_cohort_table(summary))
-    # risks and values are not averaged class probabilities: no ensemble.pt
-    ensemble = " and ensemble.pt" if summary.get("task", "classification") == "classification" else ""
+    # classifiers and regression models are combined into ensemble.pt; survival risks share no scale
+    ensemble = " and ensemble.pt" if summary.get("task", "classification") != "survival" else ""
     show_result(f"wall time {summary['wall_seconds']:.0f} s; out-of-fold predictions, metrics, fold models{ensemble} in {out}")
 
 

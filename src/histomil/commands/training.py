@@ -79,7 +79,8 @@ def ensemble_cmd(
     models: list[Path] = typer.Argument(..., help="Two or more model checkpoints on the same features (e.g. one recipe, several seeds)."),
     out: Path = typer.Option(..., "--out", help="The ensemble checkpoint to write (use it like any model.pt)."),
 ) -> None:
-    """Combine trained models into one that averages their probabilities (a seed ensemble).
+    """Combine trained models into one that averages their probabilities (a seed ensemble); regression
+    models into one that averages their predictions in target units.
 
     One seed can land a whole test patient's bags on the wrong side of 0.5 while another does not; the
     mean of several seeds' probabilities is steadier (benchmarks/RESULTS.md, section 11).

@@ -15,8 +15,12 @@ bags: the mean prediction over a patient's slides) and scored by
 Written: ``seed-S/fold-F/`` (model.pt, history.csv, predictions_val.csv, predictions_test.csv,
 metrics.json last), ``oof_predictions.csv`` (patient, slides, fold, seed, y_true, prediction),
 ``metrics.json`` (per fold; mean ± sd over folds; pooled per seed over the out-of-fold predictions with
-bootstrap intervals; mean ± sd of the pooled values over seeds) and ``scatter_oof.png`` (predicted vs
-true, one colour per seed). Held-out patients (split ``test``) get the mean prediction of the fold models.
+bootstrap intervals; mean ± sd of the pooled values over seeds), ``scatter_oof.png`` (predicted vs
+true, one colour per seed) and ``ensemble.pt``: every fold model combined
+(:func:`histomil.training.checkpoint.combine_checkpoints`, registry model ``ensemble_mean_value``: the
+mean of the fold models' predictions in target units, each through its own training mean and sd), which
+``predict``, ``predict-slides``, ``heatmap --features`` and ``evaluate`` take like any regression model.
+Held-out patients (split ``test``) are predicted by ``ensemble.pt`` (``holdout_predictions.csv``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from histomil.evaluation.splitting import quantile_strata
 from histomil.evaluation.target_cv import (
     NumberColumn,
     fold_roles,
-    mean_fold_outputs,
     patient_numbers,
     patient_outputs,
     train_fold,
@@ -170,9 +173,20 @@ def _pooled(oof: Mapping[int, tuple[np.ndarray, np.ndarray]], n_resamples: int) 
     return pooled
 
 
+def ensemble_outputs(path: Path, source: CohortSource, bags: Sequence[Any]) -> tuple[list[str], np.ndarray]:
+    """(patients, predictions in target units) of ``bags`` by the ensemble checkpoint ``path``."""
+    from histomil.training.checkpoint import load_checkpoint
+    from histomil.training.tasks import task_from_checkpoint
+
+    model, meta = load_checkpoint(path)
+    return patient_outputs(model, task_from_checkpoint(meta), bags, source)
+
+
 def write_regression_results(cfg: Any, out: Path, source: CohortSource, records: Sequence[Mapping[str, Any]],
                              holdout: set[str], log: Log) -> dict[str, Any]:
-    """oof_predictions.csv, scatter_oof.png and the content of metrics.json (returned)."""
+    """oof_predictions.csv, scatter_oof.png, ensemble.pt and the content of metrics.json (returned)."""
+    from histomil.training.checkpoint import combine_checkpoints
+
     cohort = source.cohort
     values = cohort_values(cfg, cohort)
     _oof_csv(out / "oof_predictions.csv", records, source)
@@ -202,16 +216,20 @@ def write_regression_results(cfg: Any, out: Path, source: CohortSource, records:
         plot_regression_scatter({f"seed {s}": yp for s, yp in oof.items()}, out / "scatter_oof.png",
                                 f"{cfg.target}: out-of-fold predictions, {cfg.folds} folds")
         files["scatter"] = "scatter_oof.png"
+    ensemble = combine_checkpoints([(out / r["dir"] / "model.pt").resolve() for r in records], out / "ensemble.pt")
     if holdout:
         bags = with_targets(source.bags(sorted(holdout)), lambda p: (values[p],))
-        names, rows = mean_fold_outputs(out, records, source, bags)
-        held = scores(np.array([values[p] for p in names]), rows[:, 0], int(cfg.bootstrap_resamples), 0)
-        summary["holdout"] = {"model": "mean prediction of the fold models", "n_patients": held.pop("n"), **held}
-    summary["files"] = {**files, "fold_models": [f"{r['dir']}/model.pt" for r in records]}
+        names, rows = ensemble_outputs(ensemble, source, bags)
+        y = np.array([values[p] for p in names])
+        _predictions_csv(out / "holdout_predictions.csv", names, y, rows[:, 0])
+        held = scores(y, rows[:, 0], int(cfg.bootstrap_resamples), 0)
+        summary["holdout"] = {"model": "ensemble.pt (mean prediction of the fold models)", "n_patients": held.pop("n"), **held}
+        files["holdout_predictions"] = "holdout_predictions.csv"
+    summary["files"] = {**files, "ensemble": "ensemble.pt", "fold_models": [f"{r['dir']}/model.pt" for r in records]}
     r2 = summary["mean_over_folds"]["r2"]
     log(f"R² over {r2['n']} folds: {r2['mean']:.3f} ± {r2['std']:.3f}")
     return summary
 
 
-__all__ = ["METRICS", "REGRESSION_DEFAULTS", "cohort_values", "describe_values", "run_regression_fold", "scores",
-           "target_strata", "write_regression_results"]
+__all__ = ["METRICS", "REGRESSION_DEFAULTS", "cohort_values", "describe_values", "ensemble_outputs", "run_regression_fold",
+           "scores", "target_strata", "write_regression_results"]

@@ -17,8 +17,8 @@ last), ``oof_predictions.csv`` (patient, slides, fold, seed, time, event, risk, 
 ``metrics.json`` (per fold; mean ± sd over folds; pooled per seed: every patient once, risks of
 different fold models compared with one another, and ``km_pooled_seed-S.png`` where each patient is
 grouped by its own fold's training median). Fold models are not combined into an ``ensemble.pt``
-(the ensemble averages class probabilities, which a risk is not); held-out patients (split ``test``)
-get the mean risk of the fold models.
+(an ensemble averages class probabilities or regression values; fold models' risks share no scale);
+held-out patients (split ``test``) get the mean risk of the fold models.
 """
 
 from __future__ import annotations

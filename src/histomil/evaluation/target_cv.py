@@ -5,7 +5,8 @@ Both read one number per patient from a column of the cohort table (:func:`patie
 follow-up time, the regression target), give the fold's bags those numbers as targets
 (:func:`with_targets`), train a fold through :func:`histomil.training.trainer.train` (:func:`train_fold`),
 average the model's outputs per patient (:func:`patient_outputs`: a patient's slide bags are averaged)
-and score the held-out patients with the mean output of the fold models (:func:`mean_fold_outputs`).
+and score the held-out patients with the mean output of the fold models (survival: :func:`mean_fold_outputs`;
+regression: its ``ensemble.pt``, the same mean in target units).
 Classification (:mod:`.cohort_cv`) reads its classes from the cohort itself and keeps its own fold.
 """
 

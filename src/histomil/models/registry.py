@@ -17,7 +17,7 @@ from histomil.errors import HistomilError
 from histomil.models.abmil import ABMIL
 from histomil.models.clam import CLAM
 from histomil.models.dsmil import DSMIL
-from histomil.models.ensemble import MeanProbabilityEnsemble
+from histomil.models.ensemble import MeanProbabilityEnsemble, MeanValueEnsemble
 from histomil.models.pooling import MaxPoolMIL, MeanPoolMIL, MiNet
 from histomil.models.small import SmallABMIL
 from histomil.models.transmil import TransMIL
@@ -40,15 +40,33 @@ MODELS: dict[str, tuple[ModelFactory, dict[str, Any]]] = {
 }
 
 
+# Built from trained members (training/checkpoint.combine_checkpoints), never trained from their name.
+ENSEMBLE_MODELS = ("ensemble", "ensemble_mean_value")
+
+
+def _members(in_dim: int, n_classes: int, members: list[dict[str, Any]] | None) -> list[nn.Module]:
+    """The registry models ``members`` (``{"model": name, "kwargs": {...}}`` each), untrained."""
+    specs = members or []
+    if not specs or any(not isinstance(m, dict) or "model" not in m or m["model"] in ENSEMBLE_MODELS for m in specs):
+        raise ValueError("members must be a non-empty list of {'model': name, 'kwargs': {...}} (no nested ensembles)")
+    return [build_model(m["model"], in_dim, n_classes, **m.get("kwargs", {})) for m in specs]
+
+
 def build_ensemble(in_dim: int, n_classes: int = 2, members: list[dict[str, Any]] | None = None) -> nn.Module:
     """A :class:`MeanProbabilityEnsemble` of registry models, each given as ``{"model": name, "kwargs": {...}}``."""
-    specs = members or []
-    if not specs or any(not isinstance(m, dict) or "model" not in m or m["model"] == "ensemble" for m in specs):
-        raise ValueError("members must be a non-empty list of {'model': name, 'kwargs': {...}} (no nested ensembles)")
-    return MeanProbabilityEnsemble([build_model(m["model"], in_dim, n_classes, **m.get("kwargs", {})) for m in specs])
+    return MeanProbabilityEnsemble(_members(in_dim, n_classes, members))
+
+
+def build_value_ensemble(in_dim: int, n_classes: int = 1, members: list[dict[str, Any]] | None = None,
+                         means: list[float] | None = None, sds: list[float] | None = None) -> nn.Module:
+    """A :class:`MeanValueEnsemble` of one-output regression models, with each member's training (mean, sd)."""
+    if n_classes != 1:
+        raise ValueError(f"a value ensemble has one output, not {n_classes}")
+    return MeanValueEnsemble(_members(in_dim, 1, members), list(means or []), list(sds or []))
 
 
 MODELS["ensemble"] = (build_ensemble, {})
+MODELS["ensemble_mean_value"] = (build_value_ensemble, {})
 
 
 def register_model(name: str, constructor: ModelFactory, defaults: dict[str, Any] | None = None) -> None:
@@ -59,8 +77,8 @@ def register_model(name: str, constructor: ModelFactory, defaults: dict[str, Any
 
 
 def model_names() -> list[str]:
-    """The models that train from their name and defaults (an ``ensemble`` is built from trained members)."""
-    return sorted(name for name in MODELS if name != "ensemble")
+    """The models that train from their name and defaults (an ensemble is built from trained members)."""
+    return sorted(name for name in MODELS if name not in ENSEMBLE_MODELS)
 
 
 def model_options(name: str) -> dict[str, Any]:

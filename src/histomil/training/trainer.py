@@ -331,7 +331,8 @@ def _forward_all(
     for batch in batches:
         x, mask = _collate([feats[i] for i in batch], device)
         out = model(x, mask)
-        logits = out.logits.float().cpu()
+        # float32, except a float64 output (a regression ensemble's mean in target units) kept exact
+        logits = (out.logits if out.logits.dtype == torch.float64 else out.logits.float()).cpu()
         attention = out.attention.float().cpu() if out.attention is not None else None
         for j, i in enumerate(batch):
             att = attention[j, : lengths[i]].clone() if attention is not None else None
