@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from histomil.errors import HistomilError
-from histomil.evaluation.survival import cindex_harrell, survival_metrics, survival_targets
+from histomil.evaluation.survival import breslow_survival, cindex_harrell, survival_metrics, survival_targets
 from histomil.evaluation.survival_report import held_out_times
 from histomil.features.store import FeatureBag, write_feature_bag
 from histomil.training.checkpoint import load_checkpoint
@@ -142,6 +142,9 @@ def test_evaluate_splits_and_censors_at_the_stored_training_bags(tmp_path) -> No
     assert stored["time"] == y_train[:, 0].tolist() and stored["event"] == y_train[:, 1].astype(int).tolist()
     train_risk = np.array([p[0] for p, _ in predict(model, train_bags, task=task)])
     assert stored["median_risk"] == pytest.approx(float(np.median(train_risk)), abs=1e-9)
+    # each training bag's risk, in the bags' order, for the Breslow baseline of a Cox model
+    assert np.allclose(stored["risk"], train_risk, rtol=0, atol=1e-6)
+    assert stored["median_risk"] == float(np.median(stored["risk"]))
     # a test set of bags all above the training median: the training cut puts every one in the high-risk group
     risk = np.array([p[0] for p, _ in predict(model, candidates, task=task)])
     test_bags = [b for b, r in zip(candidates, risk) if r > stored["median_risk"]]
@@ -155,17 +158,33 @@ def test_evaluate_splits_and_censors_at_the_stored_training_bags(tmp_path) -> No
     assert groups["groups"]["high risk"]["n"] == len(test_bags) and groups["groups"]["low risk"]["n"] == 0
     train_t, test_t = survival_targets(y_train[:, 0], y_train[:, 1]), survival_targets(y_test[:, 0], y_test[:, 1])
     test_risk = risk[risk > stored["median_risk"]]
-    by_hand = survival_metrics(test_t, test_risk, train=train_t, times=held_out_times(train_t, test_t))
+    times = held_out_times(train_t, test_t)
+    curves = breslow_survival(train_t, np.asarray(stored["risk"]), test_risk, times)  # as cross-validation does
+    by_hand = survival_metrics(test_t, test_risk, train=train_t, times=times, survival=curves)
     assert results["test"]["cindex_uno"]["value"] == pytest.approx(by_hand["cindex_uno"], abs=1e-9)
+    assert np.isfinite(by_hand["ibs"]) and results["test"]["ibs"]["value"] == pytest.approx(by_hand["ibs"], abs=1e-9)
+    assert results["test"]["ibs"]["n_valid"] + results["test"]["ibs"]["n_skipped"] == 5  # with its bootstrap CI
+    assert "| ibs |" in (tmp_path / "eval" / "metrics.md").read_text()
     doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert doc["survival_reference"]["n_train_bags"] == 60 and doc["survival_reference"]["median_risk"] == stored["median_risk"]
+    assert doc["survival_reference"]["training_risks"] is True
     rep = CliRunner().invoke(app, ["report", str(tmp_path / "eval"), "--task", "survival"])
     assert rep.exit_code == 0, rep.output
     page = (tmp_path / "eval" / "report.html").read_text()
     assert "split at the training median risk" in page and page.count("data:image/png;base64") == 1
 
-    # a checkpoint without the training data (older histomil): today's behaviour, said in a warning and metrics.json
+    # a Cox checkpoint with training targets and median but no per-bag risks (earlier histomil): no IBS, said in metrics.json
     old = torch.load(result.model_path, weights_only=True)
+    del old["extra"]["survival_train"]["risk"]
+    torch.save(old, tmp_path / "no_risk.pt")
+    results = evaluate_sets(tmp_path / "no_risk.pt", {"test": tmp_path / "test"}, tmp_path / "eval_no_risk", n_resamples=5)
+    assert "ibs" not in results["test"] and results["test"]["risk_groups"]["cut"] == stored["median_risk"]
+    assert results["test"]["cindex_uno"]["value"] == pytest.approx(by_hand["cindex_uno"], abs=1e-9)
+    assert "| ibs |" not in (tmp_path / "eval_no_risk" / "metrics.md").read_text()
+    doc = json.loads((tmp_path / "eval_no_risk" / "metrics.json").read_text())
+    assert "stores no training risks" in doc["survival_reference"]["note"] and doc["survival_reference"]["training_risks"] is False
+
+    # a checkpoint without the training data (older histomil): today's behaviour, said in a warning and metrics.json
     del old["extra"]["survival_train"]
     torch.save(old, tmp_path / "old.pt")
     with pytest.warns(UserWarning, match="stores no training survival data"):

@@ -171,11 +171,14 @@ def ibs(train: SurvivalTargets, targets: SurvivalTargets, survival: np.ndarray, 
 def breslow_survival(train: SurvivalTargets, train_risk: Any, risk: Any, times: np.ndarray) -> np.ndarray:
     """Survival probabilities S(t | risk) = S0(t) ** exp(risk) at ``times`` (n, len(times)), with the
     Breslow baseline S0 fitted on the training bags' Cox risks (log hazard ratios) and targets.
-    Times past the last training time are refused by scikit-survival, so callers pass times inside it."""
+    Times past the last training time are refused by scikit-survival, so callers pass times inside it;
+    no times (a test set without usable events) give an (n, 0) array."""
     tr = _risk(train_risk, len(train), "Breslow baseline")
     r = _risk(risk, np.asarray(risk).size, "Breslow survival")
     if not train.event.any():
         raise HistomilError("Breslow baseline: the training bags hold no event")
+    if np.asarray(times).size == 0:  # scikit-survival's step function cannot take an empty array
+        return np.ones((r.size, 0))
     est = BreslowEstimator().fit(tr, train.event, train.time)
     times = np.minimum(np.asarray(times, dtype=np.float64), train.time.max())
     base = np.asarray(est.baseline_survival_(times), dtype=np.float64)
@@ -219,7 +222,7 @@ def _survival_matrix(survival: Any, n: int, times: np.ndarray) -> np.ndarray:
     s = np.asarray(survival, dtype=np.float64)
     if s.shape != (n, times.size):
         raise HistomilError(f"survival probabilities: expected shape ({n}, {times.size}), got {s.shape}")
-    if not np.all(np.isfinite(s)) or s.min() < 0 or s.max() > 1:
+    if not np.all(np.isfinite(s)) or (s.size and (s.min() < 0 or s.max() > 1)):
         raise HistomilError("survival probabilities must lie in [0, 1]")
     return s
 

@@ -71,23 +71,40 @@ def evaluate_survival(
 class TrainingReference:
     """What a survival checkpoint keeps of its training bags (``extra["survival_train"]``, written by
     :meth:`histomil.training.survival_task.SurvivalTask.training_record`): their targets, for the censoring
-    distribution, and the model's median risk on them, the cut between the risk groups."""
+    distribution; the model's risk on each (None in checkpoints written before it was stored), for the
+    Breslow baseline of a Cox model; and their median, the cut between the risk groups."""
 
     targets: SurvivalTargets
     median_risk: float
+    risk: np.ndarray | None = None
 
-    def summary(self) -> dict[str, Any]:
-        """What metrics.json records of the reference (not the per-bag targets)."""
+    def breslow(self, risk: Any, times: np.ndarray) -> np.ndarray | None:
+        """Survival probabilities (n, len(times)) of Cox risks ``risk`` by the Breslow baseline of the
+        training bags (:func:`breslow_survival`, as a cross-validation fold does); None without stored risks."""
+        if self.risk is None:
+            return None
+        return breslow_survival(self.targets, self.risk, risk, times)
+
+    def summary(self, cox: bool = False) -> dict[str, Any]:
+        """What metrics.json records of the reference (not the per-bag targets); ``cox``: the model is a
+        Cox model, whose integrated Brier score needs the stored training risks."""
+        note = ("risk groups split at the training median risk; Uno's c-index, time-dependent AUC and "
+                "IBS weighted by the training censoring distribution")
+        if cox:
+            note += (" (Cox survival curves by the Breslow baseline of the stored training risks)" if self.risk is not None
+                     else f"; {NO_TRAINING_RISKS}")
         return {"source": "training bags (stored in the checkpoint)", "n_train_bags": len(self.targets),
                 "n_train_events": int(self.targets.event.sum()), "median_risk": self.median_risk,
-                "note": "risk groups split at the training median risk; Uno's c-index, time-dependent AUC and "
-                        "IBS weighted by the training censoring distribution"}
+                "training_risks": self.risk is not None, "note": note}
 
 
 # metrics.json and the warning of an evaluation without a :class:`TrainingReference`
 NO_REFERENCE = ("the checkpoint stores no training survival data (an older histomil or an ensemble): risk groups "
                 "split at each test set's own median risk and the censoring distribution estimated on the test "
                 "set itself; retrain with this histomil to evaluate against the training bags")
+# the note of a Cox checkpoint that stores its training targets and median risk but not each bag's risk
+NO_TRAINING_RISKS = ("no integrated Brier score: the checkpoint stores no training risks (an earlier histomil), so "
+                     "there is no Breslow baseline to turn Cox risks into survival curves; retrain to get it")
 
 
 def stored_reference(record: Mapping[str, Any] | None, source: str) -> TrainingReference | None:
@@ -98,8 +115,12 @@ def stored_reference(record: Mapping[str, Any] | None, source: str) -> TrainingR
     try:
         targets = survival_targets(record["time"], record["event"], f"{source}: stored training targets")
         cut = float(record["median_risk"])
+        risk = None if record.get("risk") is None else np.asarray(record["risk"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as exc:
         raise HistomilError(f"{source}: the stored training survival data is damaged ({exc!r})") from None
     if not math.isfinite(cut):
         raise HistomilError(f"{source}: the stored training median risk is {cut}")
-    return TrainingReference(targets, cut)
+    if risk is not None and (risk.shape != (len(targets),) or not np.all(np.isfinite(risk))):
+        raise HistomilError(f"{source}: the stored training risks are damaged ({risk.size} values for "
+                            f"{len(targets)} bags, or not finite)")
+    return TrainingReference(targets, cut, risk)

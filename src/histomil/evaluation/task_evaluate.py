@@ -14,11 +14,13 @@ keep their threshold-based evaluation). Per test set ``<name>``:
 
 and for all sets ``metrics.json`` (every metric with its bootstrap interval), ``metrics.md`` and, for
 regression, ``scatter.png`` (predicted vs true). Survival metrics take the censoring distribution (Uno's
-c-index, time-dependent AUC and, for discrete-time models, the integrated Brier score) from the training
-targets, at evaluation times inside the training follow-up, as a cross-validation fold does
-(:mod:`.survival_report`). Both come from the checkpoint (``survival_train``, written since this was
-added). A checkpoint without it (an older histomil) falls back to each test set's own median and
-censoring distribution, with a warning and a note under ``survival_reference`` in metrics.json.
+c-index, time-dependent AUC, integrated Brier score) from the training targets, at evaluation times
+inside the training follow-up, as a cross-validation fold does (:mod:`.survival_report`). The IBS needs
+survival curves: a discrete-time model has its own; a Cox model's come from the Breslow baseline of the
+training bags' stored risks. All of it comes from the checkpoint (``survival_train``). A checkpoint
+without it (an older histomil) falls back to each test set's own median and censoring distribution, with
+a warning and a note under ``survival_reference`` in metrics.json; a Cox checkpoint that stores no
+training risks (written before they were) gets no IBS, also said in that note.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ def set_metrics(task: Task, y: np.ndarray, outputs: np.ndarray, n_resamples: int
         return {"n": int(len(y)), "n_events": int(y[:, 1].sum()),
                 **survival_bootstrap_ci(targets, outputs[:, 0], n_resamples=n_resamples)}
     times = held_out_times(reference.targets, targets)
-    discrete = isinstance(task, SurvivalTask) and task.loss_name == "discrete"  # its own survival probabilities
-    survival = task.survival_at(outputs, times) if discrete else None
+    # survival probabilities for the IBS: a discrete-time model's own, a Cox model's by the training Breslow baseline
+    discrete = isinstance(task, SurvivalTask) and task.loss_name == "discrete"
+    survival = task.survival_at(outputs, times) if discrete else reference.breslow(outputs[:, 0], times)
     metrics = survival_bootstrap_ci(targets, outputs[:, 0], reference.targets, times, survival, n_resamples=n_resamples)
     return {"n": int(len(y)), "n_events": int(y[:, 1].sum()), **metrics, "times": times.tolist()}
 
@@ -94,7 +97,8 @@ def evaluate_task_sets(
     if task.name == "survival":
         source = str(header.get("checkpoint", "the model"))
         reference = stored_reference(survival_train, source)
-        about["survival_reference"] = reference.summary() if reference else {"source": "test set", "note": NO_REFERENCE}
+        cox = isinstance(task, SurvivalTask) and task.loss_name == "cox"
+        about["survival_reference"] = reference.summary(cox) if reference else {"source": "test set", "note": NO_REFERENCE}
         if reference is None:
             warnings.warn(f"{source}: {NO_REFERENCE}", stacklevel=2)
     results: dict[str, dict] = {}
@@ -158,12 +162,15 @@ def predictions_csv(task: Task, bags: Sequence[Any], outputs: np.ndarray) -> str
 
 
 def task_markdown(task: Task, results: Mapping[str, Mapping[str, Any]]) -> str:
-    """One row per set: each headline metric as value [low, high]."""
+    """One row per set: each headline metric as value [low, high]; survival adds ``ibs`` (lower is
+    better) when some set has it."""
     columns = {
         "classification": ["accuracy", "balanced_accuracy", "macro_roc_auc", "macro_pr_auc"],
         "regression": ["mae", "rmse", "r2", "pearson", "spearman"],
         "survival": ["cindex_harrell", "cindex_uno", "td_auc"],
     }[task.name]
+    if task.name == "survival" and any("ibs" in m for m in results.values()):
+        columns = [*columns, "ibs"]
     lines = ["| test set | n | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
     for name, m in results.items():
         cells = [_with_ci(m.get(c)) for c in columns]

@@ -10,8 +10,9 @@ A checkpoint is a ``torch.save`` dict of plain Python values and tensors only (s
   so prediction can refuse features from a different encoder.
 * ``train_config``: the training configuration as a dict; ``histomil_version``; ``extra``
   (best epoch and its metrics, the task's state, anything else the trainer wants to keep; a survival
-  model also its training bags' ``time`` and ``event`` lists and its ``median_risk`` on them under
-  ``survival_train``, for the censoring distribution and risk-group cut of its evaluation).
+  model also its training bags' ``time``, ``event`` and ``risk`` lists and its ``median_risk`` on them
+  under ``survival_train``, for the censoring distribution, risk-group cut and Cox Breslow baseline of its
+  evaluation).
 * ``kind``: ``"features"`` (a MIL model on cached features, rebuilt from the registry; also
   assumed when the key is missing) or ``"pixels"`` (an end-to-end tile encoder + MIL head, rebuilt
   from ``train_config`` by :func:`histomil.training.pixels.model_from_checkpoint`).

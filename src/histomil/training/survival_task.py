@@ -16,9 +16,9 @@ Validation columns: ``val_loss`` and ``val_cindex`` (Harrell's c-index of the ri
 the score to monitor); training: ``train_cindex``. Registered in :data:`histomil.training.tasks.TASKS`.
 
 A survival checkpoint's ``extra`` also holds ``survival_train`` (:data:`TRAINING_KEY`,
-:meth:`SurvivalTask.training_record`): the training bags' times and events and the model's median risk on
-them, so ``histomil evaluate`` takes the censoring distribution and the risk-group cut from the training
-bags, never from the test set (:mod:`histomil.evaluation.task_evaluate`).
+:meth:`SurvivalTask.training_record`): the training bags' times and events, the model's risk on each and
+their median, so ``histomil evaluate`` takes the censoring distribution, the risk-group cut and (Cox) the
+Breslow baseline from the training bags, never from the test set (:mod:`histomil.evaluation.task_evaluate`).
 """
 
 from __future__ import annotations
@@ -136,9 +136,12 @@ class SurvivalTask(Task):
     def training_record(self, y_train: np.ndarray, logits: torch.Tensor) -> dict[str, Any]:
         """What a checkpoint keeps of the training bags (targets ``y_train``, the model's ``logits`` on them):
         ``time`` and ``event`` (lists, one per bag) for the censoring distribution of Uno's c-index,
-        time-dependent AUC and Brier score, and ``median_risk``, the cut between low- and high-risk groups."""
+        time-dependent AUC and Brier score; ``risk`` (one per bag, same order), for the Breslow baseline that
+        turns a Cox model's risks into survival curves (integrated Brier score); ``median_risk``, their median,
+        the cut between low- and high-risk groups."""
+        risk = self.risk(logits)
         return {"time": [float(t) for t in y_train[:, 0]], "event": [int(e) for e in y_train[:, 1]],
-                "median_risk": float(np.median(self.risk(logits)))}
+                "risk": [float(r) for r in risk], "median_risk": float(np.median(risk))}
 
     # --- predictions ---------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ with end-to-end training from pixels); this module supplies one training epoch
 * ``history.csv``: one row per epoch (epoch, train_loss, train_acc, val_loss, val_acc, val_auc, lr,
   seconds), rewritten atomically after every epoch so a crash keeps every finished epoch.
 * ``model.pt``: the best checkpoint so far by the monitored metric (see :mod:`.checkpoint_file`). A
-  survival model's ``extra`` also keeps its training bags' times, events and median predicted risk at
-  that epoch (``survival_train``, :meth:`histomil.training.survival_task.SurvivalTask.training_record`), so
+  survival model's ``extra`` also keeps its training bags' times, events, predicted risks and their median
+  at that epoch (``survival_train``, :meth:`histomil.training.survival_task.SurvivalTask.training_record`), so
   ``histomil evaluate`` splits risk groups and estimates censoring as a cross-validation fold does.
 * ``last.pt``: the full training state after the latest epoch (weights, optimizer, RNG states,
   history, early-stopping counters), so ``train(..., resume=True)`` continues exactly where an
