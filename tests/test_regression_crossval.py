@@ -1,7 +1,8 @@
 """Regression cross-validation of a slide cohort through the CLI (``crossval --task regression``): folds
 grouped by patient and stratified on the target's quantiles, a learned signal (out-of-fold R² well above
 0, and not with shuffled targets), pooled metrics recomputed from the out-of-fold table, resume, the fold
-models' ``ensemble.pt`` predicting the held-out patients, and one-line errors for bad inputs."""
+models' ``ensemble.pt`` predicting the held-out patients, ``evaluate --table`` scoring the fold models and
+the ensemble on them, and one-line errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typer.testing import CliRunner
 
 from histomil.cli import app
 from histomil.data.cohort import load_slide_features, match_feature_files, read_cohort
+from histomil.evaluation.cohort_evaluate import evaluate_cohort
 from histomil.evaluation.cohort_source import CohortSource
 from histomil.evaluation.splitting import quantile_strata
 from histomil.evaluation.target_cv import mean_fold_outputs
+from histomil.evaluation.task_metrics import regression_metrics
 from histomil.features.store import FeatureBag, write_feature_bag
 from histomil.training.checkpoint import read_checkpoint_dict
 from histomil.training.tasks import regression_scores
@@ -147,13 +150,21 @@ def test_a_rerun_skips_finished_folds_and_refuses_changed_settings(regression_ru
     assert refused.exit_code == 2 and "the cohort table changed" in refused.output, refused.output
 
 
-def test_huber_loss_and_held_out_patients(tmp_path) -> None:
-    table, feats, truth = write_regression_cohort(tmp_path, n_patients=24, seed=1, split_test=6)
-    out = tmp_path / "cv"
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory):
+    """A huber cross-validation of 18 patients, 6 more held out (split ``test``): (table, features, truth, cv/)."""
+    root = tmp_path_factory.mktemp("regression_holdout")
+    table, feats, truth = write_regression_cohort(root, n_patients=24, seed=1, split_test=6)
+    out = root / "cv"
     result = CliRunner().invoke(app, ["crossval", "--table", str(table), "--features", str(feats), "--task", "regression",
                                       "--target", "score", "--loss", "huber", "--folds", "3", "--out", str(out),
                                       "--epochs", "8", *FAST])
     assert result.exit_code == 0, result.output
+    return table, feats, truth, out
+
+
+def test_huber_loss_and_held_out_patients(holdout_run) -> None:
+    table, feats, truth, out = holdout_run
     m = json.loads((out / "metrics.json").read_text())
     held = sorted(truth)[-6:]
     assert m["loss"] == "huber" and m["n_holdout_patients"] == 6 and m["holdout"]["n_patients"] == 6
@@ -171,6 +182,59 @@ def test_huber_loss_and_held_out_patients(tmp_path) -> None:
     np.testing.assert_allclose([written[p] for p in names], mean_rows[:, 0], rtol=0, atol=1e-6)
     expect = regression_scores(np.array([truth[p] for p in names]), mean_rows[:, 0])
     assert m["holdout"]["mae"] == pytest.approx(expect["mae"], abs=1e-6) and m["holdout"]["model"].startswith("ensemble.pt")
+
+
+def test_evaluate_table_scores_fold_models_and_ensemble_on_held_out_patients(holdout_run, tmp_path) -> None:
+    table, feats, truth, cv = holdout_run
+    s = evaluate_cohort(cv, table, feats, "score", tmp_path / "ev", n_resamples=40)
+    assert s["task"] == "regression" and s["n_patients"] == 6 and s["bag_level"] == "patient"
+    assert list(s["models"]) == ["fold-0-0", "fold-0-1", "fold-0-2", "ensemble"]
+    with open(cv / "holdout_predictions.csv", newline="") as fh:
+        crossval_rows = {r["bag_id"]: float(r["prediction"]) for r in csv.DictReader(fh)}
+    for name, m in s["models"].items():
+        with open(tmp_path / "ev" / f"predictions_{name}.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["patient"] for r in rows] == sorted(truth)[-6:]  # the held-out patients only
+        y, pred = np.array([float(r["y_true"]) for r in rows]), np.array([float(r["prediction"]) for r in rows])
+        assert y.tolist() == [truth[r["patient"]] for r in rows]
+        expect = regression_metrics(y, pred, n_resamples=40, seed=0)  # recomputed from the written predictions
+        for k in ("mae", "rmse", "r2", "pearson", "spearman"):
+            assert m[k] == pytest.approx(expect[k]["value"]) and m["ci"][k]["low"] == pytest.approx(expect[k]["low"])
+    ens = {r: v for r, v in zip(sorted(truth)[-6:], _column(tmp_path / "ev" / "predictions_ensemble.csv", "prediction"))}
+    np.testing.assert_allclose([ens[p] for p in crossval_rows], list(crossval_rows.values()), rtol=0, atol=1e-6)
+    folds = [s["models"][f"fold-0-{i}"]["r2"] for i in range(3)]
+    assert s["fold_models_mean"]["r2"]["mean"] == pytest.approx(np.mean(folds)) and s["fold_models_mean"]["r2"]["n"] == 3
+    assert (tmp_path / "ev" / "scatter.png").stat().st_size > 1000 and s["files"]["scatter_model"] == "ensemble"
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "| ensemble | 6 |" in md and "fold models, mean ± sd" in md and "spearman" in md
+
+
+def _column(path: Path, name: str) -> list[float]:
+    with open(path, newline="") as fh:
+        return [float(r[name]) for r in csv.DictReader(fh)]
+
+
+def test_evaluate_table_regression_errors_are_one_line(holdout_run, tmp_path) -> None:
+    table, feats, _, cv = holdout_run
+    base = ["evaluate", str(cv), "--table", str(table), "--features", str(feats), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--target", "score", "--classes", "a,b"], "--classes does not apply to regression models"),
+        (["--target", "score", "--time", "score"], "--time applies to survival models; these are regression models"),
+        (["--event", "score"], "--event applies to survival models"),
+        (["--target", "score", "--task", "survival"], "the model was trained for regression, not survival"),
+        (["--target", "split"], "target 'test' of patient P018 (column 'split') is not a finite number"),  # held out only
+    ]
+    lines = table.read_text().splitlines()
+    assert lines[-1].startswith("P023-S1,P023,")
+    lines[-1] = "P023-S1,P023,0.5,test"  # P023's two slides disagree
+    (tmp_path / "two.csv").write_text("\n".join(lines) + "\n")
+    cases.append((["--target", "score", "--table", str(tmp_path / "two.csv")], "patient 'P023' has conflicting value (score)"))
+    for extra, msg in cases:
+        result = CliRunner().invoke(app, base + extra)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and msg in lines[0], result.output
+    ok = CliRunner().invoke(app, base + ["--target", "score", "--bootstrap", "0", "--task", "regression"])
+    assert ok.exit_code == 0 and "| ensemble | 6 |" in ok.output, ok.output
 
 
 def _with_value(table: Path, dest: Path, row: int, value: str) -> Path:

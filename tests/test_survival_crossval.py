@@ -1,5 +1,6 @@
 """Survival cross-validation of a slide cohort through the CLI: folds stratified on the event and grouped
-by patient, c-index per fold and pooled in metrics.json near the oracle, one-line errors for bad inputs."""
+by patient, c-index per fold and pooled in metrics.json near the oracle, ``evaluate --table`` scoring each
+fold model against its stored training data and their mean risk, one-line errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -13,8 +14,16 @@ import pytest
 from typer.testing import CliRunner
 
 from histomil.cli import app
-from histomil.evaluation.survival import cindex_harrell, survival_targets
+from histomil.evaluation.cohort_evaluate import evaluate_cohort
+from histomil.evaluation.cohort_evaluate_targets import combined_cut
+from histomil.evaluation.survival import (
+    cindex_harrell,
+    survival_metrics,
+    survival_targets,
+)
+from histomil.evaluation.survival_report import held_out_times, stored_reference
 from histomil.features.store import FeatureBag, write_feature_bag
+from histomil.training.checkpoint import read_checkpoint_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DIM = 16
@@ -86,6 +95,69 @@ def test_metrics_json_has_cindex_per_fold_and_pooled(survival_run) -> None:
     assert m["mean_over_folds"]["cindex_harrell"]["mean"] > oracle - 0.12, (m["mean_over_folds"], oracle)
     assert "c-index" in output or "cindex_harrell" in output
     assert not (out / "ensemble.pt").exists()
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_evaluate_table_scores_each_fold_model_and_their_mean_risk(survival_run, tmp_path) -> None:
+    table, out, truth, _, _ = survival_run
+    s = evaluate_cohort(out, table, table.parent / "features", "dead", tmp_path / "ev", n_resamples=5, time="os_months")
+    assert s["task"] == "survival" and s["n_patients"] == 60 and s["time"] == "os_months" and s["event"] == "dead"
+    assert list(s["models"]) == [f"fold-0-{i}" for i in range(4)] + ["mean_risk"]
+    oof = {r["patient"]: (r["fold"], float(r["risk"])) for r in _rows(out / "oof_predictions.csv")}
+    risks, medians = [], []
+    for i in range(4):
+        m = s["models"][f"fold-0-{i}"]
+        rows = _rows(tmp_path / "ev" / f"predictions_fold-0-{i}.csv")
+        assert sorted(r["patient"] for r in rows) == sorted(truth)
+        targets = survival_targets([float(r["time"]) for r in rows], [int(r["event"]) for r in rows])
+        risk = np.array([float(r["risk"]) for r in rows])
+        # its c-index, recomputed by hand against its stored training data (censoring and median)
+        ref = stored_reference(read_checkpoint_dict(out / f"seed-0/fold-{i}/model.pt")["extra"]["survival_train"], "fold")
+        assert ref is not None and m["reference"]["n_train_events"] == int(ref.targets.event.sum())
+        times = held_out_times(ref.targets, targets)
+        expect = survival_metrics(targets, risk, ref.targets, times, ref.breslow(risk, times))
+        for k in ("cindex_harrell", "cindex_uno", "td_auc", "ibs"):
+            assert m[k] == pytest.approx(expect[k]), k
+        assert m["ci"]["cindex_harrell"]["low"] <= m["cindex_harrell"] <= m["ci"]["cindex_harrell"]["high"]
+        assert m["risk_groups"]["cut"] == ref.median_risk and m["risk_groups"]["cut_from"] == "training median risk"
+        # the fold's own test patients get the risks the cross-validation gave them
+        mine = [(r["patient"], float(r["risk"])) for r in rows if oof[r["patient"]][0] == str(i)]
+        np.testing.assert_allclose([v for _, v in mine], [oof[p][1] for p, _ in mine], rtol=0, atol=1e-6)
+        risks.append(dict(zip([r["patient"] for r in rows], risk)))
+        medians.append(ref.median_risk)
+    mean = {r["patient"]: float(r["risk"]) for r in _rows(tmp_path / "ev" / "predictions_mean_risk.csv")}
+    np.testing.assert_allclose([mean[p] for p in truth], [np.mean([r[p] for r in risks]) for p in truth], atol=1e-12)
+    assert s["km"]["model"] == "mean_risk" and s["km"]["cut_from"] == "mean of the fold models' training median risks"
+    assert s["km"]["cut"] == pytest.approx(np.mean(medians)) and (tmp_path / "ev" / "km.png").stat().st_size > 1000
+    assert s["fold_models_mean"]["cindex_harrell"]["n"] == 4 and s["models"]["mean_risk"]["cindex_harrell"] > 0.6
+    md = (tmp_path / "ev" / "metrics.md").read_text()
+    assert "| mean_risk | 60 |" in md and "fold models, mean ± sd" in md and "cindex_uno" in md
+    # without every fold model's training median, the evaluated patients' own median splits the groups
+    cut, cut_from, why = combined_cut([ref, None], np.array([0.0, 1.0, 2.0]))
+    assert (cut, cut_from) == (1.0, "evaluated patients' median risk") and "stores no training median" in why
+
+
+def test_evaluate_table_survival_errors_are_one_line(survival_run, tmp_path) -> None:
+    table, out, _, _, _ = survival_run
+    base = ["evaluate", str(out), "--table", str(table), "--features", str(table.parent / "features"), "--out", str(tmp_path / "o")]
+    cases = [
+        (["--event", "dead"], "survival models need --time"),
+        (["--time", "os_months", "--event", "dead", "--classes", "0,1"], "--classes does not apply to survival models"),
+        (["--time", "os_months", "--event", "dead", "--task", "regression"], "trained for survival, not regression"),
+        (["--time", "os_months", "--event", "dead", "--target", "os_months"], "give --event or --target, not both"),
+        (["--time", "dead", "--event", "dead"], "is not a number above 0"),
+    ]
+    for extra, msg in cases:
+        result = CliRunner().invoke(app, base + extra)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and msg in lines[0], result.output
+    result = CliRunner().invoke(app, ["evaluate", str(out / "seed-0" / "fold-0" / "model.pt"), str(tmp_path),
+                                      "--time", "os_months", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--time and --event go with --table" in result.output, result.output
 
 
 def test_folds_are_patient_grouped_and_stratified_on_the_event(survival_run) -> None:

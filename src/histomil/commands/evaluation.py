@@ -25,20 +25,23 @@ def evaluate_cmd(
     targets: Optional[Path] = typer.Option(None, help="Regression / survival: targets CSV of the test sets (default: targets.csv beside each)."),
     table: Optional[Path] = typer.Option(None, "--table", help="A cohort table (slide, patient, target[, split]) to evaluate on, patient-level, instead of feature folders."),
     features: Optional[Path] = typer.Option(None, "--features", help="With --table: folder of per-slide feature files <slide>.h5/.pt (any layout)."),
-    target: Optional[str] = typer.Option(None, "--target", help="With --table: the label column."),
+    target: Optional[str] = typer.Option(None, "--target", help="With --table: the label column (regression: the numeric column)."),
+    time_column: Optional[str] = typer.Option(None, "--time", help="With --table, survival models: the follow-up time column (> 0)."),
+    event_column: Optional[str] = typer.Option(None, "--event", help="With --table, survival models: the event column (1 = event, 0 = censored)."),
     clinical_table: Optional[Path] = typer.Option(None, "--clinical-table", help="With --table: per-patient table with the target (STAMP style); --table then maps slide -> patient."),
     split: str = typer.Option("auto", "--split", help="With --table: patients to evaluate: auto (split 'test' when the table has a split column, else all), test, train or all."),
     bag_level: Optional[str] = typer.Option(None, "--bag-level", help="With --table: patient or slide bags (default: the cross-validation's, else patient)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="With --table: class order, e.g. normal,tumor (default: the cross-validation's, else sorted)."),
     on_missing: str = typer.Option("error", "--on-missing", help="With --table: error, or skip slides without feature files / files without rows."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="With --table: bootstrap resamples of patients for the 95% intervals (0: none)."),
+    bootstrap: Optional[int] = typer.Option(None, "--bootstrap", help="With --table: bootstrap resamples of patients for the 95% intervals (0: none; default 1000, survival 200)."),
     slides: Optional[Path] = typer.Option(None, "--slides", help="With --table: folder of the slide files; the ensemble draws each patient bag's attention on every slide (OUT/heatmaps)."),
     slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="With --slides: scan um/px for slides whose header has none."),
 ) -> None:
     """Evaluate one model on several test sets: metrics table (JSON + markdown) and plots.
 
     With --table: every fold model of a cohort cross-validation and their ensemble on another cohort's
-    patients (patient-level metrics with bootstrap intervals).
+    patients (patient-level metrics with bootstrap intervals); classification, regression (--target, a
+    numeric column) or survival (--time and --event; the fold models' mean risk stands for an ensemble).
 
     Test sets are feature folders of any layout (histomil, CLAM, TRIDENT, STAMP) with a labels.csv."""
     from histomil.evaluation.evaluate import evaluate_sets
@@ -53,8 +56,10 @@ def evaluate_cmd(
         evaluate_table(model, table, features, target, out, clinical_table=clinical_table, split=split,
                        bag_level=bag_level, classes=classes, on_missing=on_missing, threshold=threshold,
                        bootstrap=bootstrap, allow_encoder_mismatch=allow_encoder_mismatch, slides=slides,
-                       slide_mpp=slide_mpp)
+                       slide_mpp=slide_mpp, task=task, time=time_column, event=event_column)
         return
+    if time_column is not None or event_column is not None:
+        raise HistomilError("--time and --event go with --table (feature folders take their survival targets from targets.csv)")
     if not test_sets:
         raise HistomilError("give one or more labelled feature folders, or --table with --features and --target")
     names = [p.name for p in test_sets]

@@ -14,6 +14,9 @@ those); nothing is fitted on the evaluated patients. Slide-level bags are averag
 Writes ``predictions_<model>.csv`` per model, ``metrics.json`` (per model, with intervals, and the mean ±
 sd over the fold models), ``metrics.md``, for a binary target ``roc_pr.png`` and, given the slide files,
 ``heatmaps/`` with each patient bag's attention drawn on each of its slides.
+
+The task comes from the models' checkpoints: regression and survival cross-validations
+(``--target`` numeric; ``--time``/``--event``) are scored by :mod:`.cohort_evaluate_targets`.
 """
 
 from __future__ import annotations
@@ -102,11 +105,92 @@ def subset_cohort(cohort: Cohort, patients: Sequence[str]) -> Cohort:
     )
 
 
+TASKS = ("classification", "regression", "survival")
+
+
+def models_task(models: dict[str, Path], wanted: str | None = None) -> str:
+    """The task every model was trained for (their checkpoints record it; older ones are classifiers);
+    models of several tasks, or of another task than ``wanted``, are one error line."""
+    from histomil.training.checkpoint_file import read_model_checkpoint
+
+    if wanted is not None and wanted not in TASKS:
+        raise HistomilError(f"--task must be one of {', '.join(TASKS)}, not {wanted!r}")
+    kinds: dict[str, Path] = {}
+    for path in models.values():
+        data = read_model_checkpoint(path)
+        state = data.get("task") or (data.get("extra") or {}).get("task")
+        kind = str((state.get("name") if isinstance(state, dict) else state) or "classification")
+        if wanted is not None and kind != wanted:
+            raise HistomilError(f"{path}: the model was trained for {kind}, not {wanted}")
+        kinds.setdefault(kind, path)
+    if len(kinds) > 1:
+        raise HistomilError("the models mix tasks: " + ", ".join(f"{k} ({p})" for k, p in kinds.items()))
+    return next(iter(kinds))
+
+
+def target_column(kind: str, target: str | None, classes: Sequence[str] | None, time: str | None,
+                  event: str | None) -> str:
+    """The table column the models of task ``kind`` are scored against (survival: the event column),
+    after refusing options of another task in one line, as ``crossval`` does."""
+    if kind != "classification" and classes is not None:
+        raise HistomilError(f"--classes does not apply to {kind} models (they predict "
+                            f"{'a number' if kind == 'regression' else 'a risk'}, not classes)")
+    if kind != "survival":
+        given = "--time" if time is not None else "--event" if event is not None else None
+        if given:
+            raise HistomilError(f"{given} applies to survival models; these are {kind} models")
+    elif event is not None:
+        if target is not None and target != event:
+            raise HistomilError("--event is the target of survival models; give --event or --target, not both")
+        target = event
+    if kind == "survival" and (time is None or target is None):
+        raise HistomilError("survival models need --time (the follow-up time column) and --event (1 = event, 0 = censored)")
+    if not target:
+        raise HistomilError("--target: the column to score the models against is missing")
+    return target
+
+
+def patient_truth(kind: str, cohort: Cohort, table: str | Path, clinical_table: str | Path | None,
+                  columns: CohortColumns, time: str | None) -> tuple[Any, str]:
+    """(each patient's truth, one line describing the patients) of regression (patient -> value) or survival
+    (:class:`~.survival_cv.PatientSurvival`) models, read and checked as ``crossval`` reads them."""
+    if kind == "regression":
+        from histomil.evaluation.regression_cv import TARGET_COLUMN, describe_values
+        from histomil.evaluation.target_cv import patient_numbers
+
+        values = patient_numbers(cohort, table, cohort.target, TARGET_COLUMN, clinical_table, columns.slide, columns.patient)
+        return values, describe_values(cohort, values)
+    from histomil.evaluation.survival_cv import patient_survival
+
+    surv = patient_survival(cohort, table, str(time), clinical_table, columns.slide, columns.patient)
+    return surv, (f"{len(cohort.patients)} patients, {len(cohort.slides)} slides; {sum(surv.event.values())} events, "
+                  f"{len(surv.event) - sum(surv.event.values())} censored")
+
+
+def _evaluate_targets(head: dict[str, Any], models: dict[str, Path], source: CohortSource, bags: Sequence, truth: Any,
+                      out: Path, check: Callable[[Any], None], progress: Progress | None) -> dict[str, Any]:
+    """Score regression or survival models (``head["task"]``) against ``truth`` (:func:`patient_truth`);
+    write and return metrics.json's content (``head`` first) and metrics.md."""
+    from histomil.evaluation import cohort_evaluate_targets as targets
+
+    cohort, n = source.cohort, head["bootstrap_resamples"]
+    if head["task"] == "regression":
+        part = targets.evaluate_regression_models(models, source, bags, truth, out, n_resamples=n, check=check,
+                                                  title=f"{cohort.target}, {len(cohort.patients)} patients", progress=progress)
+    else:
+        part = targets.evaluate_survival_models(models, source, bags, truth, out, n_resamples=n, check=check,
+                                                title=f"{len(cohort.patients)} patients", progress=progress)
+    summary = {**head, **part}
+    write_json(out / "metrics.json", summary)
+    write_text(out / "metrics.md", targets.target_markdown(summary))
+    return summary
+
+
 def evaluate_cohort(
     model_or_cv: str | Path,
     table: str | Path,
     features: str | Path,
-    target: str,
+    target: str | None,
     out: str | Path,
     *,
     clinical_table: str | Path | None = None,
@@ -116,8 +200,11 @@ def evaluate_cohort(
     split: str = "auto",
     bag_level: str | None = None,
     threshold: float | None = None,
-    n_resamples: int = 1000,
+    n_resamples: int | None = None,
     bins: int = 10,
+    task: str | None = None,
+    time: str | None = None,
+    event: str | None = None,
     allow_encoder_mismatch: bool = False,
     slides: str | Path | None = None,
     slide_mpp: float | None = None,
@@ -126,33 +213,52 @@ def evaluate_cohort(
 ) -> dict[str, Any]:
     """Evaluate every model of ``model_or_cv`` on the table's patients; write and return ``metrics.json``'s content.
 
-    With ``slides`` (a folder of the slide files), the ensemble (or the one model) also draws each
-    evaluated patient's bag attention on every slide of the patient (:func:`patient_heatmaps`)."""
+    The task is the models' (``task``: refuse models of another). Regression: ``target`` is the numeric
+    column; survival: ``time`` and ``event`` (or ``target``) the columns ``crossval`` takes
+    (:mod:`.cohort_evaluate_targets`). ``n_resamples``: default 1000, survival 200. With ``slides`` (a
+    folder of the slide files), the ensemble (or the first model) also draws each evaluated patient's bag
+    attention on every slide of the patient (:func:`patient_heatmaps`)."""
     from histomil.training.checkpoint import load_checkpoint
     from histomil.training.trainer import predict
 
     out = Path(out)
     models, recorded = find_models(model_or_cv)
-    if classes is None and recorded.get("classes"):
+    kind = models_task(models, task)
+    target = target_column(kind, target, classes, time, event)
+    if n_resamples is None:
+        n_resamples = 200 if kind == "survival" else 1000
+    if kind == "classification" and classes is None and recorded.get("classes"):
         classes = [str(c) for c in recorded["classes"]]
     level = bag_level or recorded.get("bag_level") or "patient"
-    cohort = read_cohort(table, target, clinical_table=clinical_table, columns=columns, classes=classes, on_missing=on_missing)
+    cohort = read_cohort(table, target, clinical_table=clinical_table, columns=columns, classes=classes,
+                         on_missing=on_missing, numeric=kind == "regression")
     cohort = match_feature_files(cohort, features, on_missing)
     patients = patients_to_evaluate(cohort, split)
     cohort = subset_cohort(cohort, patients)
+    truth, about = (None, cohort.describe()) if kind == "classification" else patient_truth(
+        kind, cohort, table, clinical_table, columns, time)
     if log:
-        log(f"evaluating {len(models)} model(s) on {cohort.describe()}, bags per {level}")
+        log(f"evaluating {len(models)} {kind} model(s) on {about}, bags per {level}")
     source = CohortSource(cohort, level, load_slide_features(cohort))  # type: ignore[arg-type]
     bags = source.bags(cohort.patients)
+    if kind != "classification":
+        head = {"format": "histomil-cohort-evaluation", "task": kind, "models_from": str(model_or_cv),
+                "table": cohort.source, "features": str(features),
+                **({"time": time, "event": target} if kind == "survival" else {"target": target}),
+                "split": split, "bag_level": level, "n_patients": len(cohort.patients), "n_slides": len(cohort.slides),
+                "bootstrap_resamples": n_resamples}
+        summary = _evaluate_targets(head, models, source, bags, truth, out,
+                                    lambda meta: check_bags_for_model(bags, meta, allow_encoder_mismatch=allow_encoder_mismatch,
+                                                                      source=features), progress)
+        if slides is not None:
+            name = "ensemble" if "ensemble" in models else next(iter(models))
+            patient_heatmaps(load_checkpoint(models[name])[0], bags, slides, out / "heatmaps", slide_mpp, progress)
+        return summary
     binary = len(cohort.classes) == 2
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for i, (name, path) in enumerate(models.items()):
         model, meta = load_checkpoint(path)
-        task = meta.get("task")
-        task = task.get("name") if isinstance(task, dict) else task
-        if task not in (None, "classification"):
-            raise HistomilError(f"{path}: a {task} model; evaluate --table scores classification models")
         n_classes = int(meta.get("n_classes", len(cohort.classes)))
         if n_classes != len(cohort.classes):
             raise HistomilError(f"{path}: the model predicts {n_classes} classes, the table has "
@@ -170,7 +276,7 @@ def evaluate_cohort(
             progress("evaluating models", i + 1, len(models))
     folds = [m for n, m in results.items() if n.startswith("fold-")]
     summary: dict[str, Any] = {
-        "format": "histomil-cohort-evaluation", "models_from": str(model_or_cv), "table": cohort.source,
+        "format": "histomil-cohort-evaluation", "task": "classification", "models_from": str(model_or_cv), "table": cohort.source,
         "features": str(features), "target": target, "classes": cohort.classes, "positive_class": cohort.positive_class,
         "split": split, "bag_level": level, "n_patients": len(cohort.patients), "n_slides": len(cohort.slides),
         "class_counts": cohort.class_counts(), "bootstrap_resamples": n_resamples, "models": results,
