@@ -222,6 +222,7 @@ def test_evaluate_table_regression_errors_are_one_line(holdout_run, tmp_path) ->
         (["--target", "score", "--time", "score"], "--time applies to survival models; these are regression models"),
         (["--event", "score"], "--event applies to survival models"),
         (["--target", "score", "--task", "survival"], "the model was trained for regression, not survival"),
+        (["--target", "score", "--threshold", "0.3"], "--threshold applies to classifiers, not these regression models"),
         (["--target", "split"], "target 'test' of patient P018 (column 'split') is not a finite number"),  # held out only
     ]
     lines = table.read_text().splitlines()

@@ -225,6 +225,8 @@ def evaluate_cohort(
     models, recorded = find_models(model_or_cv)
     kind = models_task(models, task)
     target = target_column(kind, target, classes, time, event)
+    if threshold is not None and kind != "classification":
+        raise HistomilError(f"{model_or_cv}: --threshold applies to classifiers, not these {kind} models")
     if n_resamples is None:
         n_resamples = 200 if kind == "survival" else 1000
     if kind == "classification" and classes is None and recorded.get("classes"):
