@@ -287,3 +287,20 @@ def test_few_patients_one_stratum_and_slide_bags(tmp_path) -> None:
     oof = read_oof(out)
     assert sorted(r["patient"] for r in oof) == sorted(truth)  # slide predictions averaged: one row per patient
     assert {r["slides"] for r in oof if r["patient"] == "P001"} == {"P001-S0;P001-S1"}
+
+
+def test_report_of_a_regression_crossval_shows_metrics_json_and_its_scatter(holdout_run) -> None:
+    out = holdout_run[3]
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    m = json.loads((out / "metrics.json").read_text())
+    for name, metric in m["pooled"]["seed-0"].items():
+        if isinstance(metric, dict):
+            assert f"{metric['value']:.3f}" in page and f"[{metric['low']:.3f}, {metric['high']:.3f}]" in page, name
+    for name in ("mae", "r2", "spearman"):
+        assert f"{m['mean_over_folds'][name]['mean']:.3f} ± {m['mean_over_folds'][name]['std']:.3f}" in page
+        assert f"{m['holdout'][name]:.3f}" in page  # the ensemble's held-out row
+    assert "held out" in page and "regression" in page
+    assert page.count("<img") == len(list(out.glob("*.png")) + list(out.glob("seed-*/fold-*/*.png"))) >= 1
+    assert page.count("data:image/png;base64,") == page.count("<img")

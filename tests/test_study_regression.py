@@ -183,8 +183,14 @@ def test_crossval_config_regression_per_fold_and_over_runs(tmp_path: Path):
         assert {r["bag_id"]: r["target"] for r in _rows(fd / "predictions_test_10_5.csv")} == truth
         assert sorted(set(truth.values())) == ["0.0", "0.5"]
     assert (out / "scatter.png").stat().st_size > 5000 and "pooled" in (out / "crossval.md").read_text()
-    result = CliRunner().invoke(app, ["report", str(out)])  # the HTML report shows classifiers: one line
-    assert result.exit_code == 2 and "regression cross-validation" in result.output and "Traceback" not in result.output
+    _cli("report", out)  # the regression cross-validation report: crossval.json's numbers and every figure
+    page = (out / "report.html").read_text()
+    for name in sets:
+        for m in ("mae", "r2", "spearman"):
+            pooled = summary["test_sets"][name]["metrics"][m]["pooled"]
+            assert f"{pooled['value']:.3f}<span class=\"ci\">[{pooled['low']:.3f}, {pooled['high']:.3f}]" in page
+    pngs = list(out.glob("*.png")) + list(out.glob("seed_*/fold_*/*.png"))
+    assert page.count("<img") == len(pngs) >= 1 and "regression" in page
     # resume: finished folds are skipped and give the same summary; a changed loss is refused
     again = _cli("crossval", cfg_path, "--out", out)
     assert again.count("finished earlier, skipped") == 2

@@ -219,3 +219,21 @@ def test_discrete_time_crossval_scores_its_own_survival_curves(tmp_path) -> None
     with open(out / "seed-0" / "fold-0" / "predictions_test.csv", newline="") as fh:
         header = next(csv.reader(fh))
     assert header == ["bag_id", "time", "event", "risk", "survival_bin_0", "survival_bin_1", "survival_bin_2", "risk_group"]
+
+
+def test_report_of_a_survival_crossval_shows_metrics_json_and_km_plots(survival_run) -> None:
+    out = survival_run[1]
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    m = json.loads((out / "metrics.json").read_text())
+    for name, metric in m["pooled"]["seed-0"].items():
+        if isinstance(metric, dict) and "value" in metric:
+            assert f"{metric['value']:.3f}" in page and f"[{metric['low']:.3f}, {metric['high']:.3f}]" in page, name
+    c = m["mean_over_folds"]["cindex_harrell"]
+    assert f"{c['mean']:.3f} ± {c['std']:.3f}" in page and "survival" in page
+    pngs = list(out.glob("*.png")) + list(out.glob("seed-*/fold-*/*.png"))
+    assert any(p.name.startswith("km_pooled") for p in pngs) and any(p.name == "km_test.png" for p in pngs)
+    assert page.count("<img") == len(pngs) == page.count("data:image/png;base64,")
+    wrong = CliRunner().invoke(app, ["report", str(out), "--task", "regression", "--out", str(out / "never.html")])
+    assert wrong.exit_code == 2 and "a survival cross-validation, not regression" in wrong.output

@@ -47,6 +47,7 @@ from histomil.reports.html_blocks import (
     plot_runs_training,
 )
 from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_training_curves
+from histomil.reports.target_cv_report import build_target_cv_report, target_cv_summary
 from histomil.reports.task_report import build_task_report, task_metrics_file
 
 Log = Callable[[str], None]
@@ -468,7 +469,8 @@ def build_report(
     """Write the HTML report of ``run_dir`` (default ``RUN_DIR/report.html``) and its PNGs; returns the HTML path.
 
     An evaluation of a multi-class, regression or survival model (``histomil evaluate`` output, or a run's
-    ``evaluation/``) gets the report of :mod:`histomil.reports.task_report`. ``task``: refuse a run of
+    ``evaluation/``) gets the report of :mod:`histomil.reports.task_report`, a regression or survival
+    cross-validation that of :mod:`histomil.reports.target_cv_report`. ``task``: refuse a run of
     another task (a study run or cross-validation without a recorded task is a classification).
 
     ``bags`` names extra bags to show (see :func:`choose_bags`); ``max_bags`` bags are chosen
@@ -478,10 +480,13 @@ def build_report(
     """
     run = Path(run_dir)
     task_json = task_metrics_file(run) if run.is_dir() else None
-    if task_json is not None:
+    target_cv = target_cv_summary(run) if run.is_dir() and task_json is None else None
+    if task_json is not None or target_cv is not None:  # a task evaluation; a regression or survival cross-validation
         out_path = Path(out) if out is not None else run / "report.html"
         if out_path.suffix.lower() not in (".html", ".htm"):
             raise HistomilError(f"{out_path}: the report is an HTML file; give a name ending in .html")
+        if task_json is None:
+            return build_target_cv_report(run, out_path, task)
         return build_task_report(task_json, out_path, task)
     kind = run_kind(run)
     record = _read_json(run / "crossval.json") if kind == "crossval" else {}
@@ -489,9 +494,6 @@ def build_report(
     recorded = str((recorded.get("name") if isinstance(recorded, dict) else recorded) or "classification")
     if task is not None and task != recorded:
         raise HistomilError(f"{run}: a {recorded} run, not {task}")
-    if kind == "crossval" and recorded == "regression":  # a tile study's tumour fraction (evaluation/study_regression.py)
-        raise HistomilError(f"{run}: a regression cross-validation; its report is crossval.md with scatter.png "
-                            "(the HTML cross-validation report shows classifiers)")
     if max_bags < 0 or max_tiles < 1:
         raise HistomilError(f"--max-bags must be >= 0 and --max-tiles >= 1 (got {max_bags}, {max_tiles})")
     log = log or (lambda _m: None)
