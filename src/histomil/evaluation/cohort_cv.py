@@ -45,9 +45,8 @@ from histomil.devices import resolve_device
 from histomil.errors import HistomilError
 from histomil.evaluation.cohort_results import fold_metrics, write_fold_predictions, write_results
 from histomil.evaluation.cohort_source import CohortSource
-from histomil.evaluation.fold_loop import check_folds, check_inputs, check_settings, run_fold
+from histomil.evaluation.fold_loop import check_folds, check_inputs, check_settings, fold_roles, run_training_fold
 from histomil.evaluation.splitting import (
-    check_no_leak,
     grouped_stratified_folds,
     nested_folds,
     roles_of,
@@ -201,15 +200,11 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
     fold_dir = _fold_dir(out, seed, fold)
     name = f"seed {seed} fold {fold}"
     cohort = source.cohort
-    state: dict[str, Any] = {}
 
-    def work() -> dict[str, Any]:
+    def work() -> tuple[dict[str, Any], Path, str]:
         from histomil.training.checkpoint import load_checkpoint
 
-        roles = roles_of(assignment)
-        check_no_leak({**roles, "held-out test": holdout}, name)
-        train_p, val_p, test_p = (sorted(roles[r]) for r in ("train", "val", "test"))
-        log(f"{name}: {len(train_p)} train / {len(val_p)} validation / {len(test_p)} test patients")
+        roles, train_p, val_p, test_p = fold_roles(assignment, holdout, name, log)
         absent = [cohort.classes[c] for c in range(len(cohort.classes)) if c not in set(source.labels(train_p).tolist())]
         if absent:
             raise HistomilError(f"{cohort.source}: {name} has no training patient of class {absent[0]!r}; use fewer folds")
@@ -220,7 +215,6 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
         on_epoch = (lambda row: progress("training epochs", int(row["epoch"]), train_cfg.epochs)) if progress else None
         result = train(train_bags, val_bags, train_cfg, fold_dir, encoder_info=training_encoder_info(train_bags + val_bags),
                        on_epoch=on_epoch, resume=True)
-        state["last"] = result.last_path
         timings["train"] = round(time.perf_counter() - t0, 2)
 
         t0 = time.perf_counter()
@@ -230,11 +224,11 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
                 threshold, p_val = fit_threshold(result.model_path, val_bags, cfg.threshold)
             except HistomilError as exc:
                 raise HistomilError(f"{name}, validation patients: {exc}") from None
-            model, _ = load_checkpoint(result.model_path)
+        model, _ = load_checkpoint(result.model_path)
+        if binary:
             val_probs = np.stack([1.0 - p_val, p_val], axis=1)
         else:
             threshold = None
-            model, _ = load_checkpoint(result.model_path)
             val_probs = np.stack([p for p, _ in predict(model, val_bags)])
         val_patients, val_p_probs = source.per_patient(val_bags, val_probs)
         test_patients, test_probs = source.per_patient(test_bags, np.stack([p for p, _ in predict(model, test_bags)]))
@@ -244,9 +238,9 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
         test_metrics = fold_metrics(y_test, test_probs, threshold, cfg.bootstrap_resamples, cfg.calibration_bins,
                                     boot_seed=seed * 1000 + fold)
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
-        state["line"] = (f"{name}: " + (f"threshold {threshold:.3f} (on validation); " if threshold is not None else "")
-                         + f"test ROC-AUC {test_metrics.get('roc_auc', float('nan')):.3f},"
-                         f" balanced accuracy {test_metrics['balanced_accuracy']:.3f}")
+        auc = test_metrics["roc_auc"] if binary else test_metrics["macro_roc_auc"]
+        line = (f"{name}: " + (f"threshold {threshold:.3f} (on validation); " if threshold is not None else "")
+                + f"test {'' if binary else 'macro '}ROC-AUC {auc:.3f}, balanced accuracy {test_metrics['balanced_accuracy']:.3f}")
         return {
             "seed": seed, "fold": fold, "dir": f"seed-{seed}/fold-{fold}",
             "patients": {r: sorted(ps) for r, ps in roles.items()},
@@ -259,13 +253,9 @@ def _run_fold(cfg: CohortCVConfig, source: CohortSource, out: Path, seed: int, f
             "predictions": [{"patient": p, "y_true": int(y), "probs": [float(v) for v in row]}
                             for p, y, row in zip(test_patients, y_test.tolist(), test_probs)],
             "timings": timings,
-        }
+        }, result.last_path, line
 
-    def after() -> None:
-        state["last"].unlink(missing_ok=True)  # the training state; model.pt and history.csv stay
-        log(state["line"])
-
-    return run_fold(fold_dir, name, work, log, after)
+    return run_training_fold(fold_dir, name, work, log)
 
 
 # ----------------------------------------------------------------------------------------------- run

@@ -34,6 +34,7 @@ from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_results import fold_metrics, write_fold_predictions
 from histomil.evaluation.cohort_source import CohortSource
+from histomil.evaluation.cv_summary import models_table
 from histomil.features.validate import check_bags_for_model
 from histomil.files import write_json, write_text
 
@@ -323,28 +324,7 @@ def patient_heatmaps(model, bags: Sequence, slides: str | Path, out: Path, slide
     return written
 
 
-def _with_ci(m: dict[str, Any], key: str) -> str:
-    value = m.get(key)
-    if value is None or not np.isfinite(value):
-        return "n/a"
-    ci = (m.get("ci") or {}).get(key)
-    if ci and ci.get("low") is not None and np.isfinite(ci["low"]):
-        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-    return f"{value:.3f}"
-
-
 def evaluation_markdown(summary: dict[str, Any]) -> str:
     """One row per model (metric with its 95% interval) and a row of mean ± sd over the fold models."""
-    keys = [k for k in ("roc_auc", "macro_roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "f1_macro")
-            if any(k in m for m in summary["models"].values())]
-    lines = [f"{summary['n_patients']} patients ({summary['n_slides']} slides) of {summary['table']}; "
-             f"95% bootstrap intervals over patients\n",
-             "| model | patients | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    for name, m in summary["models"].items():
-        lines.append(f"| {name} | {m['n_patients']} | " + " | ".join(_with_ci(m, k) for k in keys) + " |")
-    mean = summary.get("fold_models_mean")
-    if mean:
-        cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" if k in mean and np.isfinite(mean[k]["mean"]) else "n/a"
-                 for k in keys]
-        lines.append("| fold models, mean ± sd | | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    keys = ("roc_auc", "macro_roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "f1_macro")
+    return "\n".join(models_table(summary, keys)) + "\n"

@@ -34,6 +34,7 @@ import numpy as np
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
+from histomil.evaluation.cv_summary import models_table
 from histomil.evaluation.regression_cv import METRICS as REGRESSION_METRICS
 from histomil.evaluation.regression_cv import scores as regression_scores_ci
 from histomil.evaluation.survival import METRICS as SURVIVAL_METRICS
@@ -219,31 +220,11 @@ def evaluate_survival_models(models: Mapping[str, Path], source: CohortSource, b
     return summary
 
 
-def _with_ci(m: Mapping[str, Any], key: str) -> str:
-    value = m.get(key)
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    ci = (m.get("ci") or {}).get(key)
-    if ci and ci.get("low") is not None and math.isfinite(ci["low"]):
-        return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
-    return f"{value:.3f}"
-
-
 def target_markdown(summary: Mapping[str, Any]) -> str:
     """One row per model (each metric with its 95% interval) and a row of mean ± sd over the fold models."""
-    keys = [k for k in (REGRESSION_METRICS if summary["task"] == "regression" else SURVIVAL_METRICS)
-            if any(k in m for m in summary["models"].values())]
+    keys = REGRESSION_METRICS if summary["task"] == "regression" else SURVIVAL_METRICS
     events = f", {summary['n_events']} events" if "n_events" in summary else ""
-    lines = [(f"{summary['n_patients']} patients ({summary['n_slides']} slides{events}) of {summary['table']}; "
-              f"95% bootstrap intervals over patients\n"),
-             "| model | patients | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
-    for name, m in summary["models"].items():
-        lines.append(f"| {name} | {m['n_patients']} | " + " | ".join(_with_ci(m, k) for k in keys) + " |")
-    mean = summary.get("fold_models_mean")
-    if mean:
-        cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" if k in mean and math.isfinite(mean[k]["mean"]) else "n/a"
-                 for k in keys]
-        lines.append("| fold models, mean ± sd | | " + " | ".join(cells) + " |")
+    lines = models_table(summary, keys, events)
     km = summary.get("km")
     if km:
         p = km.get("logrank_p", math.nan)

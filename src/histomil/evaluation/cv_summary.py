@@ -148,6 +148,35 @@ def _cell(s: Mapping[str, Any]) -> str:
     return text
 
 
+def models_table(summary: Mapping[str, Any], keys: Sequence[str], about: str = "") -> list[str]:
+    """Markdown lines of an evaluation of several models on one set of patients (``evaluate --table``):
+    a row per model of ``summary["models"]`` (each metric with its 95% interval under ``ci``) and, when
+    there is one, the row of ``summary["fold_models_mean"]`` (mean ± sd over the fold models). Only the
+    ``keys`` some model has become columns; ``about`` is added after the slide count."""
+    models = summary["models"]
+    keys = [k for k in keys if any(k in m for m in models.values())]
+
+    def with_ci(m: Mapping[str, Any], key: str) -> str:
+        value, ci = m.get(key), (m.get("ci") or {}).get(key)
+        if value is None or not math.isfinite(value):
+            return "n/a"
+        if ci and ci.get("low") is not None and math.isfinite(ci["low"]):
+            return f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]"
+        return f"{value:.3f}"
+
+    lines = [f"{summary['n_patients']} patients ({summary['n_slides']} slides{about}) of {summary['table']}; "
+             f"95% bootstrap intervals over patients\n",
+             "| model | patients | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    lines += [f"| {name} | {m['n_patients']} | " + " | ".join(with_ci(m, k) for k in keys) + " |"
+              for name, m in models.items()]
+    mean = summary.get("fold_models_mean")
+    if mean:
+        cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" if k in mean and math.isfinite(mean[k]["mean"]) else "n/a"
+                 for k in keys]
+        lines.append("| fold models, mean ± sd | | " + " | ".join(cells) + " |")
+    return lines
+
+
 def crossval_markdown(summary: Mapping[str, Any]) -> str:
     """The report: bag-level table (mean ± std [95% CI of the mean]), instance level, calibration."""
     th = summary["threshold"]
@@ -203,4 +232,4 @@ def crossval_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ATTENTION_KEYS", "crossval_markdown", "read_predictions", "summarize_folds", "write_predictions"]
+__all__ = ["ATTENTION_KEYS", "crossval_markdown", "models_table", "read_predictions", "summarize_folds", "write_predictions"]

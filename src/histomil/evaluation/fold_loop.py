@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from histomil.config import changed_since_record
 from histomil.errors import HistomilError
+from histomil.evaluation.splitting import check_no_leak, roles_of
 from histomil.files import write_json
 
 Log = Callable[[str], None]
@@ -103,4 +104,31 @@ def run_fold(fold_dir: Path, name: str, work: Callable[[], dict[str, Any]], log:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-__all__ = ["FOLD_DONE", "check_folds", "check_inputs", "check_settings", "fold_finished", "run_fold"]
+def run_training_fold(fold_dir: Path, name: str, work: Callable[[], tuple[dict[str, Any], Path, str]], log: Log) -> dict[str, Any]:
+    """:func:`run_fold` for a fold that trains one model: ``work()`` returns (the fold's record, the training
+    state it resumed from, ``last.pt``, and the fold's log line); once the record is written the training
+    state is removed (``model.pt`` and ``history.csv`` stay) and the line logged."""
+    done: dict[str, Any] = {}
+
+    def record() -> dict[str, Any]:
+        rec, done["last"], done["line"] = work()
+        return rec
+
+    def after() -> None:
+        done["last"].unlink(missing_ok=True)
+        log(done["line"])
+
+    return run_fold(fold_dir, name, record, log, after)
+
+
+def fold_roles(assignment: Mapping[str, str], holdout: set[str], name: str, log: Log) -> tuple[dict[str, set[str]], list[str], list[str], list[str]]:
+    """(roles, train, validation, test patients) of a fold, checked for leaks (held-out patients included)."""
+    roles = roles_of(assignment)
+    check_no_leak({**roles, "held-out test": holdout}, name)
+    train_p, val_p, test_p = (sorted(roles[r]) for r in ("train", "val", "test"))
+    log(f"{name}: {len(train_p)} train / {len(val_p)} validation / {len(test_p)} test patients")
+    return roles, train_p, val_p, test_p
+
+
+__all__ = ["FOLD_DONE", "check_folds", "check_inputs", "check_settings", "fold_finished", "fold_roles", "run_fold",
+           "run_training_fold"]

@@ -37,11 +37,10 @@ import numpy as np
 from histomil.data.cohort import Cohort
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
-from histomil.evaluation.fold_loop import run_fold
+from histomil.evaluation.fold_loop import fold_roles, run_training_fold
 from histomil.evaluation.splitting import quantile_strata
 from histomil.evaluation.target_cv import (
     NumberColumn,
-    fold_roles,
     patient_numbers,
     patient_outputs,
     train_fold,
@@ -102,16 +101,14 @@ def run_regression_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fo
     name = f"seed {seed} fold {fold}"
     fold_dir = out / f"seed-{seed}" / f"fold-{fold}"
     values = cohort_values(cfg, source.cohort)
-    state: dict[str, Any] = {}
 
-    def work() -> dict[str, Any]:
+    def work() -> tuple[dict[str, Any], Path, str]:
         roles, train_p, val_p, test_p = fold_roles(assignment, holdout, name, log)
         t0 = time.perf_counter()
         bags = {r: with_targets(source.bags(ps), lambda p: (values[p],))
                 for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
         result, model, task = train_fold(cfg.train.model_copy(update={"seed": seed}), bags["train"], bags["val"],
                                          fold_dir, name, progress)
-        state["last"] = result.last_path
         timings = {"train": round(time.perf_counter() - t0, 2)}
         t0 = time.perf_counter()
         pred = {r: patient_outputs(model, task, bags[r], source) for r in ("val", "test")}
@@ -120,8 +117,8 @@ def run_regression_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fo
             _predictions_csv(fold_dir / f"predictions_{r}.csv", pred[r][0], y[r], pred[r][1][:, 0])
         test_metrics = scores(y["test"], pred["test"][1][:, 0], int(cfg.bootstrap_resamples), seed * 1000 + fold)
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
-        state["line"] = (f"{name}: test MAE {test_metrics['mae']:.3g}, R² {test_metrics['r2']:.3f}, "
-                         f"Spearman {test_metrics['spearman']:.3f}")
+        line = (f"{name}: test MAE {test_metrics['mae']:.3g}, R² {test_metrics['r2']:.3f}, "
+                f"Spearman {test_metrics['spearman']:.3f}")
         return {
             "seed": seed, "fold": fold, "dir": f"seed-{seed}/fold-{fold}",
             "patients": {r: sorted(ps) for r, ps in roles.items()},
@@ -132,13 +129,9 @@ def run_regression_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fo
             "predictions": [{"patient": p, "y_true": float(t), "prediction": float(v)}
                             for p, t, v in zip(pred["test"][0], y["test"].tolist(), pred["test"][1][:, 0].tolist())],
             "timings": timings,
-        }
+        }, result.last_path, line
 
-    def after() -> None:
-        state["last"].unlink(missing_ok=True)  # the training state; model.pt and history.csv stay
-        log(state["line"])
-
-    return run_fold(fold_dir, name, work, log, after)
+    return run_training_fold(fold_dir, name, work, log)
 
 
 def _oof_csv(path: Path, records: Sequence[Mapping[str, Any]], source: CohortSource) -> None:

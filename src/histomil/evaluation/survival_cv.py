@@ -37,7 +37,7 @@ from histomil.data.cohort import Cohort
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
-from histomil.evaluation.fold_loop import run_fold
+from histomil.evaluation.fold_loop import fold_roles, run_training_fold
 from histomil.evaluation.survival import (
     METRICS,
     SurvivalTargets,
@@ -49,7 +49,6 @@ from histomil.evaluation.survival_plots import plot_km_risk_groups
 from histomil.evaluation.survival_report import evaluate_survival, held_out_times
 from histomil.evaluation.target_cv import (
     NumberColumn,
-    fold_roles,
     mean_fold_outputs,
     patient_numbers,
     patient_outputs,
@@ -120,9 +119,8 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
     name = f"seed {seed} fold {fold}"
     fold_dir = out / f"seed-{seed}" / f"fold-{fold}"
     surv = cohort_survival(cfg, source.cohort)
-    state: dict[str, Any] = {}
 
-    def work() -> dict[str, Any]:
+    def work() -> tuple[dict[str, Any], Path, str]:
         roles, train_p, val_p, test_p = fold_roles(assignment, holdout, name, log)
         t0 = time.perf_counter()
         bags = {r: with_targets(source.bags(ps), surv.target) for r, ps in (("train", train_p), ("val", val_p), ("test", test_p))}
@@ -131,7 +129,6 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
         mb = batch_memory_bytes(train_cfg.batch_size, most, bags["train"][0].shape[1]) / 2**20
         log(f"{name}: {train_cfg.batch_size} patients per step (largest bag {most} tiles: about {mb:.0f} MB of activations)")
         result, model, task = train_fold(train_cfg, bags["train"], bags["val"], fold_dir, name, progress)
-        state["last"] = result.last_path
         timings = {"train": round(time.perf_counter() - t0, 2)}
         t0 = time.perf_counter()
         pred = {r: patient_outputs(model, task, bags[r], source) for r in ("train", "val", "test")}
@@ -149,8 +146,8 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
         write_text(fold_dir / "predictions_test.csv", _predictions_csv(pred["test"][0], surv, pred["test"][1], task, cut))
         timings["evaluate"] = round(time.perf_counter() - t0, 2)
         test_metrics = _metrics(test_eval, n_boot > 0)
-        state["line"] = (f"{name}: test c-index {test_metrics['cindex_harrell']:.3f} (Harrell), "
-                         f"{test_metrics['cindex_uno']:.3f} (Uno); log-rank p {test_metrics['risk_groups']['logrank_p']:.2g}")
+        line = (f"{name}: test c-index {test_metrics['cindex_harrell']:.3f} (Harrell), "
+                f"{test_metrics['cindex_uno']:.3f} (Uno); log-rank p {test_metrics['risk_groups']['logrank_p']:.2g}")
         return {
             "seed": seed, "fold": fold, "dir": f"seed-{seed}/fold-{fold}",
             "patients": {r: sorted(ps) for r, ps in roles.items()},
@@ -160,13 +157,9 @@ def run_survival_fold(cfg: Any, source: CohortSource, out: Path, seed: int, fold
             "predictions": [{"patient": p, "time": surv.time[p], "event": surv.event[p], "risk": float(r[0])}
                             for p, r in zip(pred["test"][0], pred["test"][1])],
             "timings": timings,
-        }
+        }, result.last_path, line
 
-    def after() -> None:
-        state["last"].unlink(missing_ok=True)
-        log(state["line"])
-
-    return run_fold(fold_dir, name, work, log, after)
+    return run_training_fold(fold_dir, name, work, log)
 
 
 def _predictions_csv(patients: Sequence[str], surv: PatientSurvival, rows: np.ndarray, task: Any, cut: float) -> str:

@@ -25,7 +25,6 @@ from histomil.data.cohort import Cohort
 from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
 from histomil.evaluation.cohort_source import CohortSource
-from histomil.evaluation.splitting import check_no_leak, roles_of
 from histomil.features.lazy import LazyFeatureBag
 from histomil.features.store import FeatureBag
 from histomil.features.validate import training_encoder_info
@@ -100,15 +99,6 @@ def with_targets(bags: Sequence[FeatureBag], target_of: Callable[[str], tuple[fl
     return out
 
 
-def fold_roles(assignment: Mapping[str, str], holdout: set[str], name: str, log: Log) -> tuple[dict[str, set[str]], list[str], list[str], list[str]]:
-    """(roles, train, validation, test patients) of a fold, checked for leaks (held-out patients included)."""
-    roles = roles_of(assignment)
-    check_no_leak({**roles, "held-out test": holdout}, name)
-    train_p, val_p, test_p = (sorted(roles[r]) for r in ("train", "val", "test"))
-    log(f"{name}: {len(train_p)} train / {len(val_p)} validation / {len(test_p)} test patients")
-    return roles, train_p, val_p, test_p
-
-
 def train_fold(train_cfg: Any, train_bags: Sequence[FeatureBag], val_bags: Sequence[FeatureBag], fold_dir: Path,
                name: str, progress: Progress | None) -> tuple[Any, Any, Any]:
     """(training result, best model, its fitted task): ``train`` resumable in ``fold_dir``, errors prefixed by ``name``."""
@@ -149,5 +139,5 @@ def mean_fold_outputs(out: Path, records: Sequence[Mapping[str, Any]], source: C
     return names, np.mean(outputs, axis=0)
 
 
-__all__ = ["NumberColumn", "fold_roles", "mean_fold_outputs", "patient_numbers", "patient_outputs", "train_fold",
+__all__ = ["NumberColumn", "mean_fold_outputs", "patient_numbers", "patient_outputs", "train_fold",
            "with_targets"]
