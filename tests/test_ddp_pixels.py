@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ import torch
 from PIL import Image
 
 from feature_files import invoke
+from torchrun_cli import history, torchrun
 
 TILE = 32
 CONFIG = (
@@ -57,21 +55,6 @@ def args(tmp: Path, out: str, bags_per_step: int, epochs: int, workers: int) -> 
     return [str(a) for a in ("train-pixels", tmp / "train", "--val", tmp / "val", "--out", tmp / out, "--config",
                              tmp / "cfg.yaml", "--bags-per-step", bags_per_step, "--epochs", epochs, "--min-epochs", 0,
                              "--seed", 5, "--workers", workers)]
-
-
-def torchrun(command: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                           "-m", "histomil", *command], capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def history(path: Path) -> list[dict[str, float]]:
-    with open(path / "history.csv", newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 @pytest.fixture(scope="module")

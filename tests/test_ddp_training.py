@@ -9,7 +9,6 @@ for a model without dropout (dropout masks are drawn per rank). Exactly one set 
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import torch
 from feature_files import invoke
 from histomil.features.store import write_feature_bag
 from toy_bags import make_bags
+from torchrun_cli import history, torchrun
 
 CONFIG = "model: gated_abmil\nmodel_kwargs: {dropout: 0.0}\nmax_instances: 8\nlr: 0.001\nlabel_smoothing: 0.1\n"
 
@@ -40,18 +40,7 @@ def histomil_train(tmp: Path, out: str, ranks: int, batch_size: int, epochs: int
         done = invoke(*args)
         assert done.exit_code == 0, done.output
         return done
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone", "-m", "histomil"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
-
-
-def history(path: Path) -> list[dict[str, float]]:
-    with open(path / "history.csv", newline="") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    return torchrun(args, ranks)
 
 
 @pytest.fixture(scope="module")

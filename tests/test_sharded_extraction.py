@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from histomil.features import shards
 from histomil.features.formats import load_features_folder
 from histomil.features.shards import Shard, choose_shard, parse_shard
 from histomil.features.store import read_feature_bag
+from torchrun_cli import torchrun
 
 EBHI = Path(__file__).resolve().parents[2] / "shared" / "data" / "ebhi"
 runner = CliRunner()
@@ -147,11 +145,7 @@ def test_merge_runs_once_every_part_is_there(tmp_path):
 
 def test_torchrun_two_processes_equal_one_run(bag_root, single_run, tmp_path):
     out = tmp_path / "features"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "histomil", "features", "extract", str(bag_root), str(out), *COMMON]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(["features", "extract", bag_root, out, *COMMON])
     assert "shard 0/2" in done.stdout + done.stderr and "shard 1/2" in done.stdout + done.stderr
     assert_same_features(out, single_run)
     parts = sorted(p.name for p in (out / shards.PARTS_DIR).glob("part-*.json"))
