@@ -9,6 +9,9 @@ run folders and feature files record it. On the CPU every path behaves as before
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from histomil.errors import HistomilError
@@ -74,3 +77,20 @@ def device_record(device: torch.device | str, precision: str) -> dict[str, str]:
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     return {"device": str(dev), "device_name": device_description(dev)["device_name"], "precision": precision}
+
+
+@contextmanager
+def compute_precision(device: torch.device, precision: str) -> Iterator[None]:
+    """Run a network's forward pass in ``precision`` on ``device``: ``bf16`` autocasts to bfloat16; ``fp32`` is
+    IEEE float32 on a GPU too, where cuDNN convolutions would otherwise run in TF32 (a 10-bit mantissa, the
+    default on Ampere and later GPUs), so fp32 features from a GPU match the CPU's up to summation order."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        if device.type != "cuda" or precision != "fp32":
+            yield
+            return
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

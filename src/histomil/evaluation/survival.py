@@ -19,6 +19,8 @@ and torchsurv, which has no log-rank test; benchmarks/RESULTS and the README nam
 Evaluation times default to the 10th..80th percentiles of the observed event times (see
 :func:`evaluation_times`). Bootstrap intervals resample bags with replacement; a resample where a
 metric is undefined (no comparable pair, times outside its follow-up) is skipped and counted.
+scikit-survival is imported inside the functions that use it, so training and evaluating classifiers
+and regressors does not load it.
 """
 
 from __future__ import annotations
@@ -30,14 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sksurv.linear_model.coxph import BreslowEstimator
-from sksurv.metrics import (
-    concordance_index_censored,
-    concordance_index_ipcw,
-    cumulative_dynamic_auc,
-    integrated_brier_score,
-)
-from sksurv.util import Surv
 
 from histomil.errors import HistomilError
 
@@ -54,6 +48,7 @@ class SurvivalTargets:
 
     def structured(self) -> np.ndarray:
         """The targets as scikit-survival's structured array."""
+        from sksurv.util import Surv
         return Surv.from_arrays(event=self.event, time=self.time)
 
     def __len__(self) -> int:
@@ -107,6 +102,7 @@ def cindex_harrell(targets: SurvivalTargets, risk: Any) -> float:
     """Harrell's c-index; NaN when no pair is comparable (no event before another time)."""
     r = _risk(risk, len(targets), "c-index")
     try:
+        from sksurv.metrics import concordance_index_censored
         return float(concordance_index_censored(targets.event, targets.time, r)[0])
     except (ValueError, ZeroDivisionError):
         return math.nan
@@ -119,6 +115,7 @@ def cindex_uno(train: SurvivalTargets, targets: SurvivalTargets, risk: Any, tau:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            from sksurv.metrics import concordance_index_ipcw
             return float(concordance_index_ipcw(train.structured(), targets.structured(), r, tau=tau)[0])
     except (ValueError, ZeroDivisionError):
         return math.nan
@@ -149,6 +146,7 @@ def td_auc(train: SurvivalTargets, targets: SurvivalTargets, risk: Any, times: n
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             test = inside_training_follow_up(train, targets, times).structured()
+            from sksurv.metrics import cumulative_dynamic_auc
             aucs, mean = cumulative_dynamic_auc(train.structured(), test, r, times)
         return np.asarray(aucs, dtype=np.float64), float(mean)
     except (ValueError, ZeroDivisionError):
@@ -163,6 +161,7 @@ def ibs(train: SurvivalTargets, targets: SurvivalTargets, survival: np.ndarray, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             test = inside_training_follow_up(train, targets, times).structured()
+            from sksurv.metrics import integrated_brier_score
             return float(integrated_brier_score(train.structured(), test, survival, times))
     except (ValueError, ZeroDivisionError):
         return math.nan
@@ -179,6 +178,7 @@ def breslow_survival(train: SurvivalTargets, train_risk: Any, risk: Any, times: 
         raise HistomilError("Breslow baseline: the training bags hold no event")
     if np.asarray(times).size == 0:  # scikit-survival's step function cannot take an empty array
         return np.ones((r.size, 0))
+    from sksurv.linear_model.coxph import BreslowEstimator
     est = BreslowEstimator().fit(tr, train.event, train.time)
     times = np.minimum(np.asarray(times, dtype=np.float64), train.time.max())
     base = np.asarray(est.baseline_survival_(times), dtype=np.float64)

@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sksurv.compare import compare_survival
-from sksurv.nonparametric import kaplan_meier_estimator
 
 from histomil.errors import HistomilError
 from histomil.evaluation.survival import SurvivalTargets
@@ -37,6 +35,9 @@ def risk_groups(targets: SurvivalTargets, risk: Any, cut: float) -> dict[str, An
     r = np.asarray(risk, dtype=np.float64).reshape(-1)
     if r.size != len(targets) or not np.all(np.isfinite(r)):
         raise HistomilError(f"risk groups: need one finite risk per bag ({len(targets)}), got {r.size}")
+    from sksurv.compare import compare_survival  # scikit-survival loads only where survival is evaluated
+    from sksurv.nonparametric import kaplan_meier_estimator
+
     high = r > cut
     groups: dict[str, Any] = {}
     for name, mask in zip(GROUPS, (~high, high)):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from histomil.devices import is_out_of_memory, to_device
+from histomil.devices import compute_precision, is_out_of_memory, to_device
 from histomil.errors import HistomilError
 from histomil.hardware import device_description
 from histomil.runtime import flush_denormals, keep_freed_memory
@@ -132,7 +132,7 @@ class TileEncoder(nn.Module):
         """(B, 3, S, S) normalised -> (B, dim) float32 pooled embeddings."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with compute_precision(x.device, self.precision):
             feats = self.backbone.forward_features(x)
         return feats.float()
 

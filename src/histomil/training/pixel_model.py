@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from histomil.devices import compute_precision
 from histomil.errors import HistomilError
 from histomil.features.efficientnet_lite import EfficientNetLite0
 from histomil.models.base import MILOutput
@@ -77,7 +78,7 @@ class PixelMIL(nn.Module):
             tiles = tiles.contiguous(memory_format=torch.channels_last)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoder.parameters())
         chunk = self.tile_chunk or tiles.shape[0]
-        with torch.autocast(device_type=tiles.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with compute_precision(tiles.device, self.precision):
             if not needs_grad:
                 with torch.no_grad():
                     parts = [self.encoder(c) for c in tiles.split(chunk)]
