@@ -20,8 +20,6 @@ def encoder_rows() -> list[dict[str, str]]:
     for p in PRESETS.values():
         found = cached_weights(p.hf_repo, p.weights_files)
         where = f"found ({found.identity})" if found else f"absent ({p.hf_repo})"
-        if p.unbuildable:
-            where += "; read features only"
         rows.append(dict(name=p.name, dim=str(p.dim), input=str(p.input_size), licence=p.licence,
                          gated="yes" if p.gated else "no", weights=where,
                          aliases=", ".join(a for a in p.aliases if a != p.name)))

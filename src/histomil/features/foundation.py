@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from histomil.errors import HistomilError
+from histomil.features.conch import ConchVisionTower
 from histomil.features.presets import LAYER_NAMES, Preset
 from histomil.features.tile_encoder import INTERPOLATIONS, EncoderInfo, TileEncoder
 from histomil.features.weights import (
@@ -155,8 +156,6 @@ def preset_encoder(
     ``pretrained=False`` builds a timm network with random weights (recorded as ``weights="random"``:
     for speed tests only).
     """
-    if preset.unbuildable:
-        raise HistomilError(f"encoder {preset.name!r} ({preset.title}): histomil cannot build it: {preset.unbuildable}")
     if not pretrained and weights is not None:
         raise HistomilError(f"encoder {preset.name!r}: weights {weights} given for an encoder built without weights")
     if preset.builder == "transformers":
@@ -168,10 +167,13 @@ def preset_encoder(
     source = preset_weights(preset, weights) if pretrained else None  # before building: a missing file fails fast
     timm = import_timm()
     model = timm.create_model(preset.arch, pretrained=False, **timm_kwargs(preset))
+    if preset.builder == "conch":
+        model = ConchVisionTower(model)
     if source is not None:
         load_weights(model, source, str(preset.arch), classifier=preset.extra.get("classifier"))
     identity = state_digest(model) if source is not None else RANDOM_WEIGHTS
-    return preset_tile_encoder(preset, TimmEmbedding(model.eval(), preset.embedding), identity, precision, channels_last)
+    backbone = model.eval() if preset.builder == "conch" else TimmEmbedding(model.eval(), preset.embedding)
+    return preset_tile_encoder(preset, backbone, identity, precision, channels_last)
 
 
 def preset_tile_encoder(preset: Preset, backbone: nn.Module, identity: str, precision: str, channels_last: bool) -> TileEncoder:

@@ -27,7 +27,7 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 #: the embeddings a preset can return (see :class:`Preset.embedding`)
 EMBEDDINGS = ("cls", "cls+mean_patch", "timm_head", "attn_pool")
 #: what builds a preset's network: timm (architecture + kwargs) or transformers (the model folder's config.json)
-BUILDERS = ("timm", "transformers")
+BUILDERS = ("timm", "transformers", "conch")
 #: layer names a preset's timm kwargs may use for ``mlp_layer`` / ``act_layer`` (resolved at build time)
 LAYER_NAMES = ("swiglu_packed", "silu")
 
@@ -39,13 +39,12 @@ class Preset:
     ``embedding``: ``cls`` is the class token after the final norm; ``cls+mean_patch`` concatenates it
     with the mean of the patch tokens (register tokens excluded), so ``dim`` is twice the width;
     ``timm_head`` is timm's own pooling (``forward_head(pre_logits=True)``, for ``timm:<name>``);
-    ``attn_pool`` an attentional pooler (CONCH v1.5, not built here).
+    ``attn_pool`` an attentional pooler's output (CONCH v1.5, :mod:`histomil.features.conch`).
     ``resize``: the shorter tile side is resized to this (``interpolation``), then the centre
     ``input_size`` square is cropped. ``prefix_tokens``: class + register tokens of the ViT.
-    ``builder``: ``timm`` (``arch`` + ``timm_kwargs``, timm-format weights) or ``transformers`` (a Hugging
-    Face transformers model folder: ``config.json`` beside the weights). ``unbuildable``: why histomil
-    cannot build this encoder itself (None when it can); such presets still name the features other
-    tools wrote with them.
+    ``builder``: ``timm`` (``arch`` + ``timm_kwargs``, timm-format weights), ``transformers`` (a Hugging
+    Face transformers model folder: ``config.json`` beside the weights) or ``conch`` (CONCH v1.5's tower:
+    a timm trunk from ``arch`` + ``timm_kwargs`` under an attentional pooler).
     """
 
     name: str
@@ -65,7 +64,6 @@ class Preset:
     gated: bool
     weights_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
     aliases: tuple[str, ...] = ()
-    unbuildable: str | None = None
     builder: str = "timm"
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -105,15 +103,15 @@ register_preset(Preset(
     aliases=("uni2", "uni_v2", "uni_2", "uni2_h", "mahmood_uni2"),
 ))
 register_preset(Preset(
-    name="conch_v15", title="CONCH v1.5 (image tower)", hf_repo="MahmoodLab/conchv1_5", arch=None, timm_kwargs={},
-    input_size=448, resize=448, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    name="conch_v15", title="CONCH v1.5 (image tower)", hf_repo="MahmoodLab/conchv1_5", arch="vit_large_patch16_224",
+    timm_kwargs={"img_size": 448, "patch_size": 16, "init_values": 1.0, "num_classes": 0},
+    input_size=448, resize=448, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD,
     embedding="attn_pool", dim=768, prefix_tokens=1, licence=_NON_COMMERCIAL, gated=True,
     weights_files=("pytorch_model_vision.bin",),
     aliases=("conch_v15", "conch_v1_5", "conch1_5", "conchv1_5", "mahmood_conch1_5"),
-    unbuildable="its image tower is CONCH's own ViT-L/16 with an attentional pooler (768-d), not a timm "
-                "architecture; extract with TRIDENT (conch_v15) and give histomil those feature files",
-    notes="CONCH's ViT-L/16 + attentional pooler",
-    extra={"unverified": "mean/std (ImageNet assumed; not built here, so never used)"},
+    builder="conch",
+    notes="timm ViT-L/16 trunk + CoCa attentional pooler (histomil.features.conch), the checkpoint's layout as "
+          "TRIDENT reads it; not yet run on the released (gated) weights",
 ))
 register_preset(Preset(
     name="virchow", title="Virchow", hf_repo="paige-ai/Virchow", arch="vit_huge_patch14_224",

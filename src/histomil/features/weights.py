@@ -109,12 +109,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, source: WeightsSource, arch: str, classifier: Any = None) -> None:
-    """Load ``source`` into ``model`` (timm architecture ``arch``): every parameter must be filled.
+    """Load ``source`` into ``model`` (timm architecture ``arch``): every parameter must be filled. A model
+    with an ``adapt_state_dict`` method gets the file's tensors through it first.
 
     Keys of the classifier head (timm's ``pretrained_cfg['classifier']``) may be left over, since the
     encoder is built without one; any other missing, unexpected or mis-shaped tensor is an error.
     """
     state = read_state_dict(source.path)
+    adapt = getattr(model, "adapt_state_dict", None)
+    if adapt is not None:
+        try:
+            state = adapt(state)
+        except ValueError as exc:
+            raise HistomilError(f"{source.path}: weights do not fit {arch} ({exc})") from None
     heads = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else list(classifier or ())))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
