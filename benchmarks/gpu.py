@@ -6,7 +6,8 @@ One prepared script for a machine with a CUDA GPU (``--device cuda``); it runs o
 on ``--device``:
 
 1. **Extraction**, per encoder of ``--encoders`` (default: EfficientNet-Lite0 with its shipped
-   weights; UNI (ViT-L/16) and Virchow2 (ViT-H/14) **with random weights**: the speed of a network
+   weights; UNI (ViT-L/16), CONCH v1.5 (ViT-L/16 at 448 px + attentional pooler) and Virchow2 (ViT-H/14)
+   **with random weights**: the speed of a network
    does not depend on its weights, and this script downloads nothing). On ``--tiles`` distinct real
    EBHI JPEG tiles (224 x 224):
 
@@ -51,7 +52,7 @@ from common import machine, pick_tiles, training_step, write_json, write_text  #
 from histomil.devices import device_record, resolve_device  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ebhi"
-FULL_ENCODERS = "efficientnet_lite0,uni_v1,virchow2"
+FULL_ENCODERS = "efficientnet_lite0,uni_v1,conch_v15,virchow2"
 QUICK_ENCODERS = "efficientnet_lite0,timm:vit_tiny_patch16_224"
 
 

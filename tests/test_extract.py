@@ -22,7 +22,7 @@ def tiles(tmp_path):
     return items
 
 
-@pytest.mark.parametrize("workers", [0, 1, 3])
+@pytest.mark.parametrize("workers", [0, 1, 3, 8])
 def test_decoded_batches_keep_order_resize_and_report_bad_tiles(tiles, workers):
     batches = list(decoded_batches(tiles, 32, batch_size=5, workers=workers))
     assert [len(b) for b in batches] == [5, 5, 5, 5, 4]

@@ -14,6 +14,7 @@ interrupted run resumes where it stopped and a changed bag is encoded again.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -71,42 +72,43 @@ def decoded_batches(
     fit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[list[tuple[str, np.ndarray | None, str | None]]]:
     """Batches of decoded ``(key, path)`` tiles, in order. With ``workers`` > 0, that many threads decode
-    up to ``2 * workers`` batches ahead of the consumer; with 0, each batch is decoded when asked for."""
+    each batch together (a batch is split into one piece per thread, so the first batch is ready as soon
+    as a thread's share of it is) and up to two batches ahead of the consumer; with 0, each batch is
+    decoded when asked for. JPEG decoding releases the GIL, so threads use as many cores."""
     items = list(items)
 
-    def batch(start: int) -> list[tuple[str, np.ndarray | None, str | None]]:
-        return [_decode(k, p, size, fit) for k, p in items[start : start + batch_size]]
+    def piece(start: int, stop: int) -> list[tuple[str, np.ndarray | None, str | None]]:
+        return [_decode(k, p, size, fit) for k, p in items[start:stop]]
 
     starts = range(0, len(items), batch_size)
     if workers <= 0:
-        yield from (batch(s) for s in starts)
+        yield from (piece(s, s + batch_size) for s in starts)
         return
+    step = max(1, -(-batch_size // workers))  # ceil: one piece per thread
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="histomil-decode") as pool:
-        ahead: deque[Future] = deque()
+        ahead: deque[list[Future]] = deque()
         for s in starts:
-            ahead.append(pool.submit(batch, s))
-            if len(ahead) > 2 * workers:
-                yield ahead.popleft().result()
+            stop = min(s + batch_size, len(items))
+            ahead.append([pool.submit(piece, a, min(a + step, stop)) for a in range(s, stop, step)])
+            if len(ahead) > 2:
+                yield [tile for f in ahead.popleft() for tile in f.result()]
         while ahead:
-            yield ahead.popleft().result()
+            yield [tile for f in ahead.popleft() for tile in f.result()]
 
 
-def tile_digests(paths: Sequence[Path], progress: Progress | None = None) -> dict[str, str]:
-    """Content hash of every distinct tile file (symlinked copies are hashed once)."""
-    by_real: dict[str, str] = {}
-    out: dict[str, str] = {}
+def tile_digests(paths: Sequence[Path], progress: Progress | None = None, workers: int = 4) -> dict[str, str]:
+    """Content hash of every distinct tile file (symlinked copies are hashed once), in ``workers``
+    threads (hashing releases the GIL)."""
     unique = list(dict.fromkeys(str(p) for p in paths))
-    for i, p in enumerate(unique):
-        real = str(Path(p).resolve())
-        if real not in by_real:
-            try:
-                by_real[real] = file_digest(p)
-            except OSError as exc:
-                raise BadTileError(p, f"cannot read file ({exc.strerror or exc})") from None
-        out[p] = by_real[real]
-        if progress and (i % 256 == 0 or i == len(unique) - 1):
-            progress("hashing tiles", i + 1, len(unique))
-    return out
+    real = {p: os.path.realpath(p) for p in unique}
+    files = list(dict.fromkeys(real.values()))
+    by_real: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="histomil-hash") as pool:
+        for i, (f, digest) in enumerate(zip(files, pool.map(file_digest, files))):
+            by_real[f] = digest
+            if progress and (i % 256 == 0 or i == len(files) - 1):
+                progress("hashing tiles", i + 1, len(files))
+    return {p: by_real[real[p]] for p in unique}
 
 
 def encode_into_cache(
@@ -226,7 +228,7 @@ def _write_bags(
     attrs = encoder.feature_attrs()  # encoder, precision, runtime, hardware
     identity = ["encoder", "precision", *(f.name for f in fields(encoder.info))]  # not the hardware: it may change
     summary = ExtractionSummary(n_bags=len(bags))
-    digests = tile_digests([Path(p) for b in bags for p in b.tile_paths], progress)
+    digests = tile_digests([Path(p) for b in bags for p in b.tile_paths], progress, max(1, num_workers))
     bag_digests = {b.bag_id: _bag_digest(b, digests) for b in bags}
     todo = []
     for b in bags:
