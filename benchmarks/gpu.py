@@ -18,7 +18,7 @@ on ``--device``:
      overlapping the GPU, the tile cache, one file per bag of 40 tiles), into a fresh folder;
    * ``pipeline / encoder``: the fraction of the encoder's own speed the whole pipeline keeps.
 
-   One warm-up pass (cuDNN autotuning, the OS page cache), then the median of ``--repeats``
+   One warm-up pass (cuDNN autotuning, the OS page cache), then mean ± sd over ``--repeats``
    passes; the GPU is synchronised before each clock read.
 
 2. **MIL heads** on random features (bags of ``--bag-tiles`` x ``--dim``, the width of a ViT-L
@@ -28,12 +28,14 @@ on ``--device``:
     python benchmarks/gpu.py --device cuda --out benchmarks/results/gpu      # on a GPU machine, ~3 min
     python benchmarks/gpu.py --device cpu --quick --out /tmp/gpu             # smoke test
 
-Writes ``gpu.json`` (every pass time, settings, device) and ``gpu.md`` (the table) to ``--out``.
+Writes ``gpu.json`` (every pass time, settings, device) and ``gpu.md`` (the table) to ``--out``;
+``--table gpu.json`` prints the table of an earlier run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -108,7 +110,7 @@ def bench_extraction(a: argparse.Namespace, device: torch.device, log: Callable[
                 shutil.rmtree(tmp, ignore_errors=True)
 
         piped = timed(pipeline, device, a.repeats)
-        enc_rate, pipe_rate = len(paths) / statistics.median(encode), len(paths) / statistics.median(piped)
+        enc_rate, pipe_rate = len(paths) / statistics.mean(encode), len(paths) / statistics.mean(piped)
         rows.append({"encoder": name, "weights": encoder.info.weights, "dim": encoder.info.dim,
                      "input": encoder.info.input_size, "precision": encoder.precision, "encode_s": encode,
                      "pipeline_s": piped, "encoder_tiles_per_s": enc_rate, "pipeline_tiles_per_s": pipe_rate,
@@ -146,8 +148,8 @@ def bench_mil(a: argparse.Namespace, device: torch.device, log: Callable[[str], 
 
         t_train, t_infer = timed(train, device, a.repeats), timed(infer, device, a.repeats)
         row = {"model": name, "train_s": t_train, "infer_s": t_infer,
-               "train_bags_per_s": a.mil_bags / statistics.median(t_train),
-               "infer_bags_per_s": a.mil_bags / statistics.median(t_infer)}
+               "train_bags_per_s": a.mil_bags / statistics.mean(t_train),
+               "infer_bags_per_s": a.mil_bags / statistics.mean(t_infer)}
         rows.append(row)
         log(f"{name}: train {row['train_bags_per_s']:.0f} bags/s, infer {row['infer_bags_per_s']:.0f} bags/s")
     return rows
@@ -158,29 +160,39 @@ def fmt(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def rate(n: int, seconds: list[float]) -> str:
+    """``n`` items per second over the timed passes: mean ± sd of the passes' rates."""
+    rates = [n / t for t in seconds]
+    sd = statistics.stdev(rates) if len(rates) > 1 else 0.0
+    return f"{fmt(statistics.mean(rates))} ± {fmt(sd)}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     env, s = result["environment"], result["settings"]
-    lines = [f"Device: {env['device']} ({env['device_name']}), precision {env['precision']}, torch {result['machine']['torch']}. "
-             f"{s['tiles']} distinct EBHI tiles, batch {s['batch_size']}, {s['workers']} decoding threads, median of "
-             f"{s['repeats']} passes after a warm-up. Encoders other than EfficientNet-Lite0 have random weights "
-             "(speed only; no download).", "",
+    tiles, bags = s["tiles"], s["mil_bags"]
+    lines = [f"Device: {env['device']} ({env['device_name']}), precision {env['precision']}, torch {result['machine']['torch']}, "
+             f"{result['machine']['cpu_count']} CPU cores. {tiles} distinct EBHI tiles, batch {s['batch_size']}, "
+             f"{s['workers']} decoding threads; mean ± sd over {s['repeats']} timed passes after a warm-up. Encoders other "
+             "than EfficientNet-Lite0 have random weights (speed only; no download).", "",
              "| encoder | weights | dim | input | encoder tiles/s | pipeline tiles/s | pipeline / encoder |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in result["extraction"]:
         weights = "random" if r["weights"] == "random" else "shipped"
-        lines.append(f"| {r['encoder']} | {weights} | {r['dim']} | {r['input']} | {fmt(r['encoder_tiles_per_s'])} | "
-                     f"{fmt(r['pipeline_tiles_per_s'])} | {r['pipeline_fraction']:.0%} |")
+        fraction = statistics.mean(r["encode_s"]) / statistics.mean(r["pipeline_s"])
+        lines.append(f"| {r['encoder']} | {weights} | {r['dim']} | {r['input']} | {rate(tiles, r['encode_s'])} | "
+                     f"{rate(tiles, r['pipeline_s'])} | {fraction:.0%} |")
     lines += ["", f"MIL heads, bags of {s['bag_tiles']} tiles x {s['dim']} features, one bag per step:", "",
               "| model | train bags/s | inference bags/s |", "|---|---:|---:|"]
     for r in result["mil"]:
-        lines.append(f"| {r['model']} | {fmt(r['train_bags_per_s'])} | {fmt(r['infer_bags_per_s'])} |")
+        lines.append(f"| {r['model']} | {rate(bags, r['train_s'])} | {rate(bags, r['infer_s'])} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or auto")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="folder for gpu.json and gpu.md (required unless --table)")
+    p.add_argument("--table", type=Path, help="print the markdown table of an earlier run's gpu.json and stop")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="EBHI folder with tiles.csv")
     p.add_argument("--encoders", default=None, help=f"comma-separated (default {FULL_ENCODERS}; --quick: {QUICK_ENCODERS})")
     p.add_argument("--models", default="gated_abmil,transmil")
@@ -195,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test on the CPU")
     a = p.parse_args(argv)
+    if a.table is not None:
+        print(markdown(json.loads(a.table.read_text())), end="")
+        return 0
+    if a.out is None:
+        p.error("--out is required")
     if a.quick:
         a.tiles, a.batch_size, a.workers, a.repeats = 8, 4, 1, 1
         a.bag_tiles, a.dim, a.mil_bags = 20, 32, 2

@@ -31,3 +31,15 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path):
     table = (tmp_path / "gpu.md").read_text()
     assert "| efficientnet_lite0 | shipped | 1280 | 224 |" in table and "| gated_abmil |" in table
     assert "random weights" in table
+    assert module.markdown(result) == table  # --table re-renders a run's gpu.json to the same table
+
+
+def test_committed_gpu_table_is_the_committed_run_rendered():
+    """benchmarks/results/gpu/gpu.md (RESULTS.md section 7) is what `gpu.py --table` makes of the committed gpu.json."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = BENCH.parent / "results" / "gpu"
+    result = json.loads((results / "gpu.json").read_text())
+    assert result["environment"]["device_name"] == "NVIDIA H200"
+    assert module.markdown(result) == (results / "gpu.md").read_text()
