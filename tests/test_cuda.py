@@ -58,11 +58,13 @@ def test_gpu_features_match_the_cpu(name):
     gpu = encoder.to("cuda").encode(tiles, 16)
     encoder.precision = "bf16"
     bf16 = encoder.encode(tiles, 16)
-    err, cos = relative_error(gpu, ref), cosine(bf16, ref).min()
+    encoder.precision = "fp16"
+    fp16 = encoder.encode(tiles, 16)
+    err, cos, cos16 = relative_error(gpu, ref), cosine(bf16, ref).min(), cosine(fp16, ref).min()
     print(f"\n{name} on {torch.cuda.get_device_name()}: fp32 max |GPU - CPU| / max |CPU| = {err:.2e}; "
-          f"bf16 min cosine to CPU fp32 = {cos:.5f}")
+          f"min cosine to CPU fp32: bf16 {cos:.5f}, fp16 {cos16:.5f}")
     assert err < 1e-4
-    assert cos > 0.99
+    assert cos > 0.99 and cos16 > 0.99
 
 
 def test_training_on_the_gpu_follows_the_cpu_and_its_checkpoint_predicts_the_same_on_the_cpu(tmp_path):

@@ -99,6 +99,30 @@ def test_encoding_halves_the_batch_on_out_of_memory_with_the_same_features():
     assert backbone.sizes == [20, 10, 5, 5, 5, 5]
 
 
+def test_non_finite_features_are_refused_before_anything_is_written():
+    class Overflow(torch.nn.Module):
+        def forward_features(self, x):
+            out = x.mean(dim=(2, 3))
+            out[1, 0] = float("inf")
+            return out
+
+    info = EncoderInfo(name="overflowing", input_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dim=3)
+    tiles = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(HistomilError, match=r"encoder 'overflowing' \(fp32\) gave non-finite features for 1 of 4 tiles$"):
+        encode_in_batches(TileEncoder(Overflow(), info).eval(), tiles, 4)
+
+
+def test_fp16_is_for_gpus_only(tmp_path):
+    from histomil.features.encoders import build_encoder
+
+    with pytest.raises(HistomilError, match="precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here"):
+        build_encoder("efficientnet_lite0", precision="fp16", device="cpu")
+    (tmp_path / "bags" / "a").mkdir(parents=True)
+    result = runner.invoke(app, ["features", "extract", str(tmp_path / "bags"), str(tmp_path / "out"), "--precision", "fp16"])
+    assert result.exit_code == 2 and [ln for ln in result.output.splitlines() if ln.strip()] == [
+        "error: precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here"]
+
+
 def test_other_errors_are_not_retried():
     class Broken(torch.nn.Module):
         def forward_features(self, x):

@@ -66,10 +66,10 @@ def test_cuda_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_unknown_precision_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
-        resolve_precision("fp16")
-    with pytest.raises(HistomilError, match="unknown precision 'fp16'"):
-        build_encoder("efficientnet_lite0", pretrained=False, precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8")
+    with pytest.raises(HistomilError, match="unknown precision 'fp8'"):
+        build_encoder("efficientnet_lite0", pretrained=False, precision="fp8")
 
 
 def test_real_cpu_flags_agree_with_torch() -> None:
@@ -131,5 +131,5 @@ def test_cli_warns_in_one_line_for_emulated_bf16(emulated: None, tmp_path: Path)
     assert len(warning_lines) == 1 and "12-19x slower" in r.output
     assert "Warning" not in r.output  # no Python warning header or source line
     assert read_feature_bag(tmp_path / "f" / "b1.h5").attrs["precision"] == "bf16"
-    r = CliRunner().invoke(app, ["features", "extract", str(tmp_path / "bags"), str(tmp_path / "g"), "--precision", "fp16"])
-    assert r.exit_code == 2 and "--precision must be one of auto, fp32, bf16" in r.output
+    r = CliRunner().invoke(app, ["features", "extract", str(tmp_path / "bags"), str(tmp_path / "g"), "--precision", "fp8"])
+    assert r.exit_code == 2 and "--precision must be one of auto, fp32, bf16, fp16" in r.output

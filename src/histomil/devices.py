@@ -81,10 +81,11 @@ def device_record(device: torch.device | str, precision: str) -> dict[str, str]:
 
 @contextmanager
 def compute_precision(device: torch.device, precision: str) -> Iterator[None]:
-    """Run a network's forward pass in ``precision`` on ``device``: ``bf16`` autocasts to bfloat16; ``fp32`` is
-    IEEE float32 on a GPU too, where cuDNN convolutions would otherwise run in TF32 (a 10-bit mantissa, the
+    """Run a network's forward pass in ``precision`` on ``device``: ``bf16`` (``fp16``) autocasts to bfloat16
+    (float16); ``fp32`` is IEEE float32 on a GPU too, where cuDNN convolutions would otherwise run in TF32 (a 10-bit mantissa, the
     default on Ampere and later GPUs), so fp32 features from a GPU match the CPU's up to summation order."""
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device_type=device.type, dtype=half or torch.bfloat16, enabled=half is not None):
         if device.type != "cuda" or precision != "fp32":
             yield
             return

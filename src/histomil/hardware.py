@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: tile encoders on a CUDA GPU only
 EMULATED_BF16_SLOWDOWN = "12-19x"  # measured: EfficientNet-Lite0 on an AVX2-only AMD EPYC (Zen 3)
 
 
@@ -115,14 +115,22 @@ def device_description(device: str | torch.device | None = "cpu") -> dict[str, s
     }
 
 
+def check_precision(requested: str, device: str | torch.device | None = "cpu") -> None:
+    """ValueError unless ``requested`` is a precision ``device`` can run (fp16: CUDA GPUs only)."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    if requested == "fp16" and _device(device).type != "cuda":
+        raise ValueError("precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here")
+
+
 def resolve_precision(requested: str, device: str | torch.device | None = "cpu") -> str:
-    """``auto`` -> ``bf16`` where ``device`` computes it natively, else ``fp32``; others unchanged.
+    """``auto`` -> ``bf16`` where ``device`` computes it natively, else ``fp32``; others unchanged. ``fp16``
+    (autocast to float16, for GPUs without bf16 such as the V100 or T4) is refused off a CUDA device.
 
     Asking for ``bf16`` explicitly on emulating hardware is honoured with an
     :class:`EmulatedPrecisionWarning` that says how much slower it is.
     """
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    check_precision(requested, device)
     if requested == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if requested == "bf16" and not native_bf16(device):

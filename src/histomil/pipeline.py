@@ -59,7 +59,7 @@ class FeatureConfig(_Strict):
     encoder: str = "efficientnet_lite0"
     weights: str | None = None  # weights file of a preset / timm:<arch> encoder (default: the local Hugging Face cache)
     # auto: bf16 where the CPU computes it natively (AVX512-BF16, AMX), fp32 elsewhere (histomil.hardware)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: OpenVINO for fp32 on the CPU when installed (histomil[cpu]), torch otherwise (histomil.features.runtimes)
     runtime: Literal["auto", "torch", "openvino", "onnxruntime"] = "auto"
     channels_last: bool = True

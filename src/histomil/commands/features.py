@@ -11,7 +11,7 @@ import typer
 from histomil.config import validate_options
 from histomil.devices import DEVICE_HELP, resolve_device
 from histomil.errors import HistomilError
-from histomil.hardware import PRECISIONS
+from histomil.hardware import PRECISIONS, check_precision
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 if TYPE_CHECKING:
@@ -52,6 +52,10 @@ def features_extract(
 
     if precision not in PRECISIONS:
         raise HistomilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    try:
+        check_precision(precision, resolve_device(device))
+    except ValueError as exc:
+        raise HistomilError(str(exc)) from None
     if runtime not in RUNTIMES:
         raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     cfg = validate_options(FeatureConfig, dict(encoder=encoder, weights=str(weights) if weights else None, precision=precision, runtime=runtime, batch_size=batch_size,

@@ -23,7 +23,7 @@ from histomil.errors import HistomilError
 from histomil.hardware import device_description
 from histomil.runtime import flush_denormals, keep_freed_memory
 
-PRECISIONS = ("fp32", "bf16")  # what a TileEncoder runs in; build_encoder also takes "auto"
+PRECISIONS = ("fp32", "bf16", "fp16")  # what a TileEncoder runs in; build_encoder also takes "auto"
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
@@ -206,7 +206,8 @@ def fit_tile(rgb: np.ndarray, info: EncoderInfo) -> np.ndarray:
 @torch.no_grad()
 def encode_in_batches(encoder: Any, tiles: np.ndarray, batch_size: int) -> np.ndarray:
     """uint8 tiles (B, H, W, 3) or (H, W, 3) -> (B, dim) float32: ``encoder(encoder.preprocess(batch))``
-    batch by batch. Shared by :class:`TileEncoder` and the other CPU runtimes (:mod:`.runtimes`)."""
+    batch by batch. Shared by :class:`TileEncoder` and the other CPU runtimes (:mod:`.runtimes`). A GPU out of
+    memory retries in halves; features that are not finite (float16 overflow, a broken network) are an error."""
     if batch_size < 1:
         raise HistomilError(f"batch size must be at least 1, got {batch_size}")
     arr = np.asarray(tiles)
@@ -229,4 +230,11 @@ def encode_in_batches(encoder: Any, tiles: np.ndarray, batch_size: int) -> np.nd
             warnings.warn(f"the GPU ran out of memory: encoding in batches of {batch_size}", stacklevel=2)
             continue
         start += batch_size
-    return torch.cat(out).numpy().astype(np.float32, copy=False)
+    feats = torch.cat(out)
+    bad = int((~torch.isfinite(feats).all(dim=1)).sum())
+    if bad:  # never written: a feature file or cache holding inf/NaN would poison every model trained on it
+        precision = getattr(encoder, "precision", "fp32")
+        hint = "; float16 overflows in some networks: use --precision bf16 or fp32" if precision == "fp16" else ""
+        raise HistomilError(f"encoder {encoder.info.name!r} ({precision}) gave non-finite features for {bad} of "
+                            f"{len(feats)} tiles{hint}")
+    return feats.numpy().astype(np.float32, copy=False)
