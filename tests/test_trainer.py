@@ -222,7 +222,9 @@ def test_predict_in_bf16_stays_close_to_fp32(toy, name):
         np.testing.assert_allclose(pa, pb, atol=2e-2)
         if not np.isnan(aa).all():
             np.testing.assert_allclose(aa, ab, atol=2e-2)
-    with pytest.raises(HistomilError, match="precision must be 'fp32' or 'bf16'"):
+    with pytest.raises(HistomilError, match="precision must be 'fp32', 'bf16' or 'fp16'"):
+        predict(model, val_bags, precision="fp8")
+    with pytest.raises(HistomilError, match="precision fp16 runs only on a CUDA GPU"):
         predict(model, val_bags, precision="fp16")
 
 

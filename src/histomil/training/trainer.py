@@ -34,7 +34,8 @@ from pydantic import Field
 from torch import nn
 
 from histomil.config import one_of
-from histomil.devices import resolve_device
+from histomil.devices import compute_precision, resolve_device
+from histomil.hardware import check_precision
 from histomil.errors import HistomilError
 from histomil.features.lazy import LazyFeatureBag, features_digest
 from histomil.features.store import FeatureBag
@@ -182,10 +183,16 @@ def predict(
     array has the bag's real length (n_tiles,); models without attention give NaNs.
     ``precision="bf16"`` runs the model under bfloat16 autocast: about half the CPU time on
     large bags (CPUs with avx512_bf16); probabilities stay close to fp32 (tests bound them within 0.02).
+    ``fp16`` (a CUDA GPU without bf16) autocasts to float16.
     Lazy bags (:mod:`histomil.features.lazy`) are read from their files one batch at a time, every tile.
     """
-    if precision not in ("fp32", "bf16"):
-        raise HistomilError(f"precision must be 'fp32' or 'bf16', not {precision!r}")
+    device = next(model.parameters(), torch.empty(0)).device
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise HistomilError(f"precision must be 'fp32', 'bf16' or 'fp16', not {precision!r}")
+    try:
+        check_precision(precision, device)
+    except ValueError as exc:
+        raise HistomilError(str(exc)) from None
     keep_freed_memory()  # large bags allocate 100s of MB per layer (histomil.runtime)
     flush_denormals()
     arrays = [b if isinstance(b, FeatureBag) else FeatureBag(f"#{i}", b, []) for i, b in enumerate(bags)]
@@ -193,11 +200,10 @@ def predict(
         if len(b.shape) != 2 or b.shape[0] == 0:
             raise HistomilError(f"bag {b.bag_id}: no tiles to predict on (features shape {tuple(b.shape)})")
     feats = bag_tensors(arrays)  # streamed from their files for lazy bags
-    device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with compute_precision(device, precision):
             outputs = _forward_all(model, feats, batch_size, device)
     finally:
         model.train(was_training)
