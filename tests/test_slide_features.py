@@ -266,7 +266,9 @@ def test_tile_command(synth: Path, tmp_path: Path) -> None:
 
 
 def test_slide_features_command_errors_are_one_line(synth: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(_app(), ["slides", str(synth), "--out", str(tmp_path), "--precision", "fp8"])
+    assert r.exit_code == 2 and "--precision must be one of auto, fp32, bf16, fp16" in r.output
     r = CliRunner().invoke(_app(), ["slides", str(synth), "--out", str(tmp_path), "--precision", "fp16"])
-    assert r.exit_code == 2 and "--precision must be one of auto, fp32, bf16" in r.output
+    assert r.exit_code == 2 and r.output.strip() == "error: precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here"
     r = CliRunner().invoke(_app(), ["slides", str(tmp_path / "nope.svs"), "--out", str(tmp_path), "--encoder", "x"])
     assert r.exit_code == 2 and "unknown encoder" in r.output
