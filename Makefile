@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/histomil demo --out demo_run
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto
 
 clean:
 	rm -rf demo_run .pytest_cache
