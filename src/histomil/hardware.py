@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from histomil.errors import HistomilError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # fp16: tile encoders on a CUDA GPU only
 EMULATED_BF16_SLOWDOWN = "12-19x"  # measured: EfficientNet-Lite0 on an AVX2-only AMD EPYC (Zen 3)
 
@@ -115,12 +117,17 @@ def device_description(device: str | torch.device | None = "cpu") -> dict[str, s
     }
 
 
+class PrecisionError(HistomilError, ValueError):
+    """A precision that is unknown or that the device cannot run: one line for the user (a HistomilError),
+    and a ValueError for callers that validate values."""
+
+
 def check_precision(requested: str, device: str | torch.device | None = "cpu") -> None:
-    """ValueError unless ``requested`` is a precision ``device`` can run (fp16: CUDA GPUs only)."""
+    """PrecisionError unless ``requested`` is a precision ``device`` can run (fp16: CUDA GPUs only)."""
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+        raise PrecisionError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
     if requested == "fp16" and _device(device).type != "cuda":
-        raise ValueError("precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here")
+        raise PrecisionError("precision fp16 runs only on a CUDA GPU; use bf16 or fp32 here")
 
 
 def resolve_precision(requested: str, device: str | torch.device | None = "cpu") -> str:

@@ -52,10 +52,7 @@ def features_extract(
 
     if precision not in PRECISIONS:
         raise HistomilError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    try:
-        check_precision(precision, resolve_device(device))
-    except ValueError as exc:
-        raise HistomilError(str(exc)) from None
+    check_precision(precision, resolve_device(device))
     if runtime not in RUNTIMES:
         raise HistomilError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     cfg = validate_options(FeatureConfig, dict(encoder=encoder, weights=str(weights) if weights else None, precision=precision, runtime=runtime, batch_size=batch_size,

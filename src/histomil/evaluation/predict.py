@@ -129,10 +129,7 @@ def predict_source(
     encoder and the head run.
     """
     dev = resolve_device(device)
-    try:
-        precision = resolve_precision(precision, dev)
-    except ValueError as exc:
-        raise HistomilError(str(exc)) from None
+    precision = resolve_precision(precision, dev)
     model, meta = load_checkpoint(checkpoint, dev)
     model_task = task_from_checkpoint(meta)
     if task is not None and task != model_task.name:

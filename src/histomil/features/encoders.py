@@ -118,11 +118,7 @@ def build_encoder(
     (:func:`histomil.hardware.resolve_precision`); the encoder's ``precision`` is the resolved one.
     """
     dev = resolve_device(device)
-    try:
-        resolved = resolve_precision(precision, dev)
-    except ValueError as exc:
-        raise HistomilError(str(exc)) from None
-    return _build_on_cpu(name, pretrained, resolved, channels_last, weights).to(dev)
+    return _build_on_cpu(name, pretrained, resolve_precision(precision, dev), channels_last, weights).to(dev)
 
 
 def _build_on_cpu(name: str, pretrained: bool, resolved: str, channels_last: bool, weights: str | Path | None) -> TileEncoder:

@@ -228,7 +228,7 @@ def _write_bags(
     attrs = encoder.feature_attrs()  # encoder, precision, runtime, hardware
     identity = ["encoder", "precision", *(f.name for f in fields(encoder.info))]  # not the hardware: it may change
     summary = ExtractionSummary(n_bags=len(bags))
-    digests = tile_digests([Path(p) for b in bags for p in b.tile_paths], progress, max(1, num_workers))
+    digests = tile_digests([Path(p) for b in bags for p in b.tile_paths], progress, num_workers)
     bag_digests = {b.bag_id: _bag_digest(b, digests) for b in bags}
     todo = []
     for b in bags:

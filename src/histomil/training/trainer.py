@@ -189,10 +189,7 @@ def predict(
     device = next(model.parameters(), torch.empty(0)).device
     if precision not in ("fp32", "bf16", "fp16"):
         raise HistomilError(f"precision must be 'fp32', 'bf16' or 'fp16', not {precision!r}")
-    try:
-        check_precision(precision, device)
-    except ValueError as exc:
-        raise HistomilError(str(exc)) from None
+    check_precision(precision, device)
     keep_freed_memory()  # large bags allocate 100s of MB per layer (histomil.runtime)
     flush_denormals()
     arrays = [b if isinstance(b, FeatureBag) else FeatureBag(f"#{i}", b, []) for i, b in enumerate(bags)]
