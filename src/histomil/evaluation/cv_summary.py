@@ -52,6 +52,14 @@ def read_predictions(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y, p, t
 
 
+def runs_by_test_set(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Each test set named in the fold records (in order of first appearance) -> the records that scored it."""
+    names: list[str] = []
+    for r in records:
+        names += [n for n in r["test_sets"] if n not in names]
+    return {name: [r for r in records if name in r["test_sets"]] for name in names}
+
+
 def summarize_folds(
     records: Sequence[Mapping[str, Any]],
     predictions: PredictionsPath,
@@ -66,13 +74,9 @@ def summarize_folds(
 
     Returns ``n_runs``, ``bootstrap_resamples``, ``calibration_bins``, ``threshold`` (rule and per-run
     statistics), ``test_sets`` and ``runs`` (one line per fold record)."""
-    names: list[str] = []
-    for r in records:
-        names += [n for n in r["test_sets"] if n not in names]
     sets: dict[str, Any] = {}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in names:
-        runs = [r for r in records if name in r["test_sets"]]
+    for name, runs in runs_by_test_set(records).items():
         per_run = [r["test_sets"][name] for r in runs]
         ys, ps, ts = [], [], []
         for r in runs:

@@ -28,6 +28,7 @@ import numpy as np
 from histomil.data.targets import load_task_bags
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
+from histomil.evaluation.cv_summary import runs_by_test_set
 from histomil.evaluation.regression_cv import METRICS, scores
 from histomil.features.formats import load_feature_dataset
 from histomil.features.store import FeatureBag
@@ -119,13 +120,9 @@ def summarize_regression(records: Sequence[Mapping[str, Any]], predictions: Pred
                          bootstrap_resamples: int, plots: bool = True) -> dict[str, Any]:
     """Per test set over all runs: mean ± sd of each metric (:func:`~.bootstrap.summarize_runs`) and the
     metrics of all runs' predictions pooled; ``scatter.png`` of the pooled predictions (unless ``plots`` is False)."""
-    names: list[str] = []
-    for r in records:
-        names += [n for n in r["test_sets"] if n not in names]
     sets: dict[str, Any] = {}
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in names:
-        runs = [r for r in records if name in r["test_sets"]]
+    for name, runs in runs_by_test_set(records).items():
         pairs = [read_regression_predictions(predictions(r, name)) for r in runs]
         y, pred = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
         pooled = scores(y, pred, bootstrap_resamples, 0)
