@@ -15,7 +15,8 @@ from histomil.hardware import PRECISIONS, check_precision
 from histomil.ui import log, progress_bars, show_result, user_errors
 
 if TYPE_CHECKING:
-    from histomil.features.extract import ExtractionSummary, Progress
+    from histomil.callbacks import Progress
+    from histomil.features.extract import ExtractionSummary
     from histomil.features.shards import Shard
     from histomil.pipeline import FeatureConfig
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from histomil.callbacks import Log
 from histomil.data.csv_rows import read_csv_rows
 from histomil.data.images import IMAGE_EXTENSIONS, read_rgb
 from histomil.errors import BadTileError, HistomilError
@@ -29,7 +30,6 @@ LABEL_FILES = ("labels.csv", "df.csv")  # looked for in the bag root, in this or
 IGNORED_FILES = {"thumbs.db", "desktop.ini", "__macosx"}  # compared lower-case; hidden names are ignored too
 ON_BAD_TILE = ("error", "skip")
 
-Log = Callable[[str], None]
 _logger = logging.getLogger("histomil.data")
 
 

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from typing import Any
 import filelock
 import numpy as np
 
+from histomil.callbacks import Progress
 from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import SPLITS, TileTable, assign_patients
 from histomil.errors import HistomilError
@@ -49,7 +50,6 @@ STUDY_FORMAT = "histomil-study"
 STUDY_VERSION = 1
 TARGETS_CSV = "targets.csv"  # per split: case,target = the bag's tumour fraction
 
-Progress = Callable[[str, int, int], None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,13 +29,12 @@ from typing import Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from histomil.callbacks import Progress
 from histomil.data.images import read_rgb
 from histomil.data.tile_table import TileTable, read_tile_table
 from histomil.errors import HistomilError
 from histomil.files import write_json, write_text
 from histomil.slides.pyramid_tiff import write_pyramidal_tiff
-
-Progress = Callable[[str, int, int], None]
 
 EBHI_ATTRIBUTION = (
     "Tiles from EBHI-Seg: Shi L, Li X, Hu W, et al., 'EBHI-Seg: A novel enteroscope biopsy histopathological "

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import config
+from histomil.callbacks import Log, Progress
 from histomil.data.cohort import CohortColumns, load_slide_features, match_feature_files, read_cohort
 from histomil.devices import resolve_device
 from histomil.errors import HistomilError
@@ -60,8 +61,6 @@ from histomil.hardware import run_environment
 from histomil.training import distributed
 from histomil.training.trainer import TrainConfig, predict, train
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 # Settings that may change between a stopped cross-validation and its resumption: they change no fold's
 # result (the table and feature files are compared by content digest, not by path).
 RESUMABLE = {("seeds",), ("bootstrap_resamples",), ("calibration_bins",), ("report",), ("table",), ("clinical_table",),

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from histomil.callbacks import Log, Progress
 from histomil.data.cohort import Cohort, CohortColumns, load_slide_features, match_feature_files, read_cohort
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
@@ -38,8 +39,6 @@ from histomil.evaluation.cv_summary import models_table
 from histomil.features.validate import check_bags_for_model
 from histomil.files import write_json, write_text
 
-Progress = Callable[[str, int, int], None]
-Log = Callable[[str], None]
 SPLITS = ("auto", "test", "train", "all")
 # binary metrics, then the multi-class ones (evaluation/task_metrics.MULTICLASS_METRICS); each record has one set
 SUMMARY_METRICS = ("roc_auc", "balanced_accuracy", "accuracy", "recall", "specificity", "pr_auc", "f1",

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Progress
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
@@ -60,7 +61,6 @@ from histomil.evaluation.target_cv import patient_outputs
 from histomil.files import write_text
 from histomil.training.survival_task import TRAINING_KEY
 
-Progress = Callable[[str, int, int], None]
 CheckBags = Callable[[Mapping[str, Any]], None]  # refuses bags the model cannot take (its checkpoint meta)
 COMBINED = "mean_risk"  # the name of the survival fold models' mean risk among the evaluated models
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Log
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci, summarize_runs
 from histomil.evaluation.calibration import expected_calibration_error
@@ -31,7 +32,6 @@ from histomil.evaluation.metrics import binary_metrics
 from histomil.evaluation.task_metrics import MULTICLASS_METRICS, multiclass_metrics
 from histomil.files import write_json, write_text
 
-Log = Callable[[str], None]
 
 
 def fold_metrics(y: np.ndarray, probs: np.ndarray, threshold: float | None, n_resamples: int, bins: int,

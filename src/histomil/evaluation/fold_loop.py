@@ -17,12 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from histomil.callbacks import Log
 from histomil.config import changed_since_record
 from histomil.errors import HistomilError
 from histomil.evaluation.splitting import check_no_leak, roles_of
 from histomil.files import write_json
 
-Log = Callable[[str], None]
 FOLD_DONE = "metrics.json"
 
 

@@ -41,7 +41,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import config
+from histomil.callbacks import Log, Progress
 from histomil.data.compose import read_study
 from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import TileTable, read_tile_table
@@ -86,8 +87,6 @@ from histomil.pipeline import FeatureConfig, TileColumns
 from histomil.reports.plots import plot_training_curves
 from histomil.training.trainer import TrainConfig, train
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 
 # Settings that may change between a stopped cross-validation and its resumption (they do not
 # change any fold's result); everything else must match what the output folder was made with.

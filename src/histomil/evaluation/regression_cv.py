@@ -28,12 +28,13 @@ from __future__ import annotations
 import csv
 import io
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Log, Progress
 from histomil.data.cohort import Cohort
 from histomil.evaluation.bootstrap import summarize_runs
 from histomil.evaluation.cohort_source import CohortSource
@@ -50,8 +51,6 @@ from histomil.evaluation.task_metrics import regression_metrics
 from histomil.files import write_text
 from histomil.training.tasks import regression_scores
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 REGRESSION_DEFAULTS: dict[str, Any] = {"train": {"task": "regression"}}
 METRICS = ("mae", "rmse", "r2", "pearson", "spearman")
 TARGET_COLUMN = NumberColumn("target", "--target", lambda v: True, "a finite number")

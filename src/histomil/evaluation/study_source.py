@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Log, Progress
 from histomil.data.compose import compose_study, read_study
 from histomil.data.study_spec import StudySpec
 from histomil.data.tile_table import TileTable
@@ -31,8 +32,6 @@ from histomil.files import write_text
 from histomil.pipeline import FeatureConfig, extract_study
 from histomil.training.trainer import predict
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 PRUNED = ".bag_folders_removed"
 
 

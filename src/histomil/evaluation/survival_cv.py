@@ -27,12 +27,13 @@ import csv
 import dataclasses
 import io
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Log, Progress
 from histomil.data.cohort import Cohort
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import summarize_runs
@@ -58,8 +59,6 @@ from histomil.evaluation.target_cv import (
 from histomil.files import write_text
 from histomil.training.survival_losses import batch_memory_bytes
 
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 # What a survival cross-validation changes in the cohort defaults: several patients per step (the Cox
 # partial likelihood compares the patients of a batch), early stopping on the validation c-index, and
 # fewer bootstrap resamples (scikit-survival's estimators run afresh for each one).

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Progress
 from histomil.data.cohort import Cohort
 from histomil.data.csv_rows import read_csv_rows
 from histomil.errors import HistomilError
@@ -28,9 +29,6 @@ from histomil.evaluation.cohort_source import CohortSource
 from histomil.features.lazy import LazyFeatureBag
 from histomil.features.store import FeatureBag
 from histomil.features.validate import training_encoder_info
-
-Log = Callable[[str], None]
-Progress = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass(frozen=True)

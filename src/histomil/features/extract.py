@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from histomil.callbacks import Progress
 from histomil.data.bags import Bag
 from histomil.data.images import file_digest, read_rgb
 from histomil.errors import BadTileError, HistomilError
@@ -36,7 +37,6 @@ from histomil.features.store import FeatureBag, read_feature_bag, write_feature_
 from histomil.features.tile_encoder import fit_tile
 from histomil.files import atomic_write, exclusive_output, remove_temp_leftovers
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 CONTENT_DIGEST = "content_digest"  # feature file attribute: digest of the bag's tile names and bytes
 
 

@@ -22,12 +22,13 @@ import csv
 import datetime as _dt
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histomil.callbacks import Log
 from histomil.errors import HistomilError
 from histomil.evaluation.bootstrap import METRICS, bootstrap_ci
 from histomil.evaluation.calibration import expected_calibration_error, plot_reliability
@@ -50,7 +51,6 @@ from histomil.reports.plots import plot_confusion_matrix, plot_roc_pr, plot_trai
 from histomil.reports.target_cv_report import build_target_cv_report, target_cv_summary
 from histomil.reports.task_report import build_task_report, task_metrics_file
 
-Log = Callable[[str], None]
 
 ATTENTION_KEYS = ("tile_auc_pooled", "tile_auc_mean", "top1_hit", "top1_hit_random")
 METRIC_TITLES = {

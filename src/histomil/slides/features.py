@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -41,13 +41,11 @@ import numpy as np
 import torch
 
 from histomil import __version__
+from histomil.callbacks import Log, Progress
 from histomil.errors import HistomilError
 from histomil.files import atomic_write
 from histomil.slides.reader import Slide, open_slide
 from histomil.slides.tiling import TilePlan, TilingSpec, plan_tiles, read_tile
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-Log = Callable[[str], None]
 
 #: File name endings OpenSlide reads (DICOM folders aside); used to find slides in a folder.
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".bif", ".svslide")

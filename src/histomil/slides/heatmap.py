@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,8 +34,6 @@ from histomil.slides.tiling import TilingSpec
 
 Scale = Literal["rank", "linear"]
 SCALES = ("rank", "linear")
-Progress = Callable[[str, int, int], None]
-Log = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------------ scores

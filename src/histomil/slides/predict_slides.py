@@ -18,11 +18,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from histomil.callbacks import Log, Progress
 from histomil.errors import HistomilError
 from histomil.features.store import FeatureBag
 from histomil.files import write_bytes
 from histomil.slides.class_heatmaps import write_class_heatmaps
-from histomil.slides.heatmap import SCALES, Log, Progress, Scale, bag_scores, write_slide_heatmap
+from histomil.slides.heatmap import SCALES, Scale, bag_scores, write_slide_heatmap
 from histomil.slides.tiling import TilingSpec
 
 

@@ -27,12 +27,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from histomil import __version__
+from histomil.callbacks import Progress
 from histomil.errors import HistomilError
 from histomil.files import atomic_write
 from histomil.slides.reader import DOWNSAMPLE_TOLERANCE, Slide, open_slide
 from histomil.slides.tissue import TissueMethod, box_fractions, tissue_mask
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class TilingSpec(BaseModel):

@@ -50,6 +50,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from histomil.callbacks import Progress
 from histomil.config import one_of
 from histomil.data.bags import Bag
 from histomil.data.images import read_rgb
@@ -90,7 +91,6 @@ EFFICIENTNET_SIZE = 224
 # change the results: the tiles and their augmentation are seeded per bag).
 PIXEL_RESUMABLE_CHANGES = RESUMABLE_CHANGES | {"num_workers"}
 
-Progress = Callable[[str, int, int], None]
 
 
 class PixelTrainConfig(pydantic.BaseModel, extra="forbid"):
